@@ -1,0 +1,1 @@
+"""Attention kernels: the fused attention every layer calls, its fp32 reference and benchmark."""
