@@ -1,0 +1,43 @@
+"""Multi-head attention with explicit Q/K/V projections and one call into the controller.
+
+Attention(x, context) = to_out(softmax(Q K^T / sqrt(d)) V) with Q = to_q(x), K = to_k(context),
+V = to_v(context) (Vaswani et al. 2017, eq. 1), as in SD's CrossAttention: no bias on the
+projections, bias on the output. The layer never decides how Q, K and V are combined: it hands
+them to the active controller (DESIGN.md §5), which picks which rows feed which output row and
+calls the fused kernel. Without a controller the layer calls the fused kernel itself.
+"""
+
+from __future__ import annotations
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from kernels.attention import fused_attention
+from ldm.context import AttnContext, AttnSite
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        # Set once by the UNet after construction: which layer this is, for controllers.
+        self.site: AttnSite | None = None
+
+    def forward(self, x: Tensor, context: Tensor | None = None, ctx: AttnContext | None = None) -> Tensor:
+        context = x if context is None else context
+        # (B, N, heads*d) -> (B, heads, N, d): the one layout every controller and kernel uses
+        q, k, v = (
+            rearrange(proj(src), "b n (h d) -> b h n d", h=self.heads)
+            for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        if ctx is None:
+            out = fused_attention(q, k, v)
+        else:
+            assert self.site is not None, "attention layer used under a controller without a site"
+            out = ctx.controller.attend(q, k, v, self.site, ctx)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

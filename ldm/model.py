@@ -1,0 +1,177 @@
+"""StableDiffusion: the three SD-1.x networks, the tokenizer and the config, and how to load them.
+
+Our on-disk format (DESIGN.md §8) is one directory: unet.safetensors, vae.safetensors,
+text.safetensors (tensor names = our module names), config.json (SDConfig) and tokenizer/
+(vocab.json + merges.txt). `weights/convert.py` produces it from the real-world layouts. Loading
+checks every key, shape and dtype against the config before any tensor is copied, then assigns
+the tensors to modules built on the meta device, so a full model costs no random initialisation.
+The noise schedule belongs to samplers/, so nothing here knows about sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from ldm.config import SD14, TINY, SDConfig
+from ldm.errors import WeightsError
+from ldm.text import CLIPTextModel
+from ldm.tokenizer import Tokenizer
+from ldm.unet import UNet
+from ldm.vae import AutoencoderKL
+
+COMPONENTS = ("unet", "vae", "text")
+FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header larger than this is not a checkpoint
+
+
+def build_networks(config: SDConfig, device: str | torch.device = "meta") -> dict[str, nn.Module]:
+    with torch.device(device):
+        return {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae), "text": CLIPTextModel(config.text)}
+
+
+def random_state_dict(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A seeded random state for `module` (built on any device): fan-in scaled weights, norm
+    weights near 1, small biases. Deterministic for a given generator state, independent of the
+    global RNG."""
+    state = {}
+    for name, p in module.state_dict().items():
+        if p.ndim >= 2:
+            std = 1.0 / math.sqrt(math.prod(p.shape[1:]))
+            value = torch.randn(p.shape, generator=generator) * std
+        elif name.endswith("weight"):  # GroupNorm / LayerNorm scale
+            value = 1.0 + 0.05 * torch.randn(p.shape, generator=generator)
+        else:
+            value = 0.02 * torch.randn(p.shape, generator=generator)
+        state[name] = value.to(dtype)
+    return state
+
+
+def read_safetensors(path: Path, expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Read `path`, checking its key set, shapes and float dtypes against `expected` first."""
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > min(MAX_HEADER_BYTES, path.stat().st_size):
+        raise WeightsError(f"{path} is not a safetensors file (bad header length)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or unexpected:
+                raise WeightsError(
+                    f"{path} does not match the config: {len(missing)} missing keys {missing[:3]}, "
+                    f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+                )
+            for key in sorted(keys):
+                sl = f.get_slice(key)
+                shape = tuple(sl.get_shape())
+                if shape != tuple(expected[key].shape):
+                    raise WeightsError(f"{path}: {key} has shape {shape}, the config expects {tuple(expected[key].shape)}")
+            tensors = {key: f.get_tensor(key) for key in keys}
+    except SafetensorError as err:
+        raise WeightsError(f"{path} is corrupt or truncated: {err}") from None
+    for key, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{path}: {key} has dtype {t.dtype}; expected a floating type (fp32/fp16/bf16)")
+    return tensors
+
+
+class StableDiffusion(nn.Module):
+    def __init__(self, config: SDConfig, unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, tokenizer: Tokenizer):
+        super().__init__()
+        self.config = config
+        self.unet = unet
+        self.vae = vae
+        self.text = text
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_state_dicts(
+        cls, config: SDConfig, states: dict[str, dict[str, Tensor]], tokenizer: Tokenizer
+    ) -> "StableDiffusion":
+        """Assign complete state dicts (strictly checked by torch) to meta-built networks."""
+        nets = build_networks(config)
+        for name, net in nets.items():
+            net.load_state_dict(states[name], strict=True, assign=True)
+        return cls(config, nets["unet"], nets["vae"], nets["text"], tokenizer).eval().requires_grad_(False)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, dtype: torch.dtype = torch.float32, config: SDConfig = TINY) -> "StableDiffusion":
+        """A small random-weight model built in memory (no files), with the real CLIP vocabulary."""
+        generator = torch.Generator().manual_seed(seed)
+        nets = build_networks(config)
+        states = {name: random_state_dict(net, generator, dtype) for name, net in nets.items()}
+        return cls.from_state_dicts(config, states, Tokenizer.bundled())
+
+    @classmethod
+    def load(cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "StableDiffusion":
+        """Load our directory format; dtype None keeps the stored dtype."""
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise WeightsError(f"{directory} is not an invedit model directory (no config.json); convert it with `invedit convert`")
+        try:
+            config = SDConfig.from_dict(json.loads(config_path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise WeightsError(f"{config_path} is not a valid SD-1 config: {err}") from None
+        expected = {name: net.state_dict() for name, net in build_networks(config).items()}
+        states = {}
+        for name in COMPONENTS:
+            tensors = read_safetensors(directory / f"{name}.safetensors", expected[name])
+            states[name] = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
+        return cls.from_state_dicts(config, states, Tokenizer.from_dir(directory / "tokenizer"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> CLIP last_hidden_state (B, 77, hidden), the UNet's cross-attention context."""
+        return self.text(self.tokenizer(prompts).to(self.device))
+
+
+def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StableDiffusion:
+    """`tiny-random` builds the in-memory test model; anything else is a converted directory."""
+    if spec == "tiny-random":
+        return StableDiffusion.tiny_random(dtype=dtype or torch.float32).to(device)
+    return StableDiffusion.load(spec, dtype=dtype, device=device)
+
+
+def main(argv: list[str]) -> int:
+    """`invedit info`: load or build a model, print its size and attention sites, run one UNet call."""
+    parser = argparse.ArgumentParser(prog="invedit info", description=main.__doc__)
+    parser.add_argument("--model", default="tiny-random", help="converted model directory or tiny-random")
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels for the test forward")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    args = parser.parse_args(argv)
+    sd = open_model(args.model, DTYPES.get(args.dtype))
+    for name in COMPONENTS:
+        n = sum(p.numel() for p in getattr(sd, name).parameters())
+        print(f"{name:5s} {n:>13,d} parameters")
+    print(f"{'index':>5} {'place':5} {'level':>5} {'kind':5} {'heads':>5} {'dim':>4}  module")
+    for s in sd.unet.attn_sites():
+        print(f"{s.index:>5} {s.place:5} {s.level:>5} {s.kind:5} {s.heads:>5} {s.head_dim:>4}  {s.name}")
+    side = args.size // sd.config.vae.downsample_factor
+    z = torch.randn(1, sd.config.unet.in_channels, side, side, generator=torch.Generator().manual_seed(0), dtype=sd.dtype)
+    start = time.perf_counter()
+    with torch.no_grad():
+        eps = sd.unet(z, 981, sd.embed(["a photo of a cat"]))
+    print(f"UNet forward at {args.size}x{args.size}: output {tuple(eps.shape)}, std {eps.float().std():.3f}, "
+          f"{time.perf_counter() - start:.2f} s")
+    return 0
