@@ -1,0 +1,226 @@
+"""Recognise what a checkpoint is, and read the SD-1 config out of a diffusers folder.
+
+Anything that is not an SD-1.x text-to-image checkpoint (SD-2.x, SDXL, an inpainting UNet, a
+VAE-only or LoRA file, ...) is refused with one line saying what was found and what was expected
+(WEIGHTS.md §2.1, §7). diffusers' `attention_head_dim` is the head *count* in SD-1 configs, a known
+misnomer; `num_attention_heads` takes precedence when set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ldm.config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from ldm.errors import WeightsError
+from weights.layouts import EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+
+EXPECTED = "an SD-1.x checkpoint (UNet + VAE + CLIP ViT-L/14 text encoder, 768-wide cross-attention)"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing") from None
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data
+
+
+def _per_level(value: Any, n: int, name: str, path: Path) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    if isinstance(value, Sequence) and len(value) == n and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise WeightsError(f"{path}: {name}={value!r}: expected an int or one int per level ({n})")
+
+
+def _refuse_if(cond: bool, path: Path, found: str) -> None:
+    if cond:
+        raise WeightsError(f"{path}: this is {found}; expected {EXPECTED}")
+
+
+def unet_config_from_diffusers(path: Path) -> UNetConfig:
+    c = _read_json(path)
+    _refuse_if(c.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel", path,
+               f"a {c.get('_class_name')} model, not a UNet2DConditionModel")  # fmt: skip
+    _refuse_if(c.get("addition_embed_type") is not None, path,
+               f"an SDXL-style UNet (addition_embed_type={c.get('addition_embed_type')!r})")  # fmt: skip
+    in_ch = c.get("in_channels", 4)
+    _refuse_if(in_ch == 9, path, "an inpainting UNet (9 input channels)")
+    _refuse_if(in_ch != 4, path, f"a UNet with {in_ch} input channels")
+    ctx = c.get("cross_attention_dim", 1280)
+    _refuse_if(ctx == 1024, path, "an SD-2.x UNet (1024-wide cross-attention)")
+    _refuse_if(ctx == 2048, path, "an SDXL UNet (2048-wide cross-attention)")
+    _refuse_if(not isinstance(ctx, int), path, f"a UNet with cross_attention_dim={ctx!r}")
+    down = list(c.get("down_block_types", []))
+    up = list(c.get("up_block_types", []))
+    allowed_down = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+    allowed_up = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+    _refuse_if(not down or any(d not in allowed_down for d in down), path, f"a UNet with down blocks {down}")
+    levels = tuple(allowed_down[d] for d in down)
+    _refuse_if(any(u not in allowed_up for u in up) or tuple(allowed_up[u] for u in up) != levels[::-1], path,
+               f"a UNet whose up blocks {up} do not mirror its down blocks {down}")  # fmt: skip
+    defaults_required = {
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "center_input_sample": False,
+        "dual_cross_attention": False,
+        "only_cross_attention": False,
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "class_embed_type": None,
+        "num_class_embeds": None,
+        "encoder_hid_dim": None,
+        "time_cond_proj_dim": None,
+        "time_embedding_dim": None,
+        "projection_class_embeddings_input_dim": None,
+        "addition_time_embed_dim": None,
+        "encoder_hid_dim_type": None,
+        "timestep_post_act": None,
+        "cross_attention_norm": None,
+        "class_embeddings_concat": False,
+        "resnet_skip_time_act": False,
+        "resnet_out_scale_factor": 1.0,
+        "attention_type": "default",
+        "reverse_transformer_layers_per_block": None,
+    }
+    for key, want in defaults_required.items():
+        got = c.get(key, want)
+        if key == "only_cross_attention" and isinstance(got, list):
+            got = any(got)
+        _refuse_if(got != want, path, f"a UNet outside the SD-1 family ({key}={got!r}, SD-1 has {want!r})")
+    n = len(down)
+    block_out = c.get("block_out_channels", [])
+    if not (isinstance(block_out, list) and len(block_out) == n):
+        raise WeightsError(f"{path}: block_out_channels={block_out!r}: expected one width per level ({n})")
+    heads_src = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    depth = c.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list):
+        _refuse_if(len(set(depth)) != 1, path, f"a UNet with per-level transformer depths {depth}")
+        depth = depth[0]
+    try:
+        return UNetConfig(
+            in_channels=in_ch,
+            out_channels=c.get("out_channels", 4),
+            block_out_channels=tuple(block_out),
+            attention_levels=levels,
+            num_heads=_per_level(heads_src, n, "attention_head_dim", path),
+            layers_per_block=c.get("layers_per_block", 2),
+            context_dim=ctx,
+            transformer_depth=depth,
+            norm_groups=c.get("norm_num_groups", 32),
+            resnet_eps=c.get("norm_eps", 1e-5),
+            use_linear_projection=bool(c.get("use_linear_projection", False)),
+        )
+    except ValueError as err:
+        raise WeightsError(f"{path}: inconsistent UNet config ({err})") from None
+
+
+def vae_config_from_diffusers(path: Path) -> VAEConfig:
+    c = _read_json(path)
+    _refuse_if(c.get("_class_name", "AutoencoderKL") != "AutoencoderKL", path,
+               f"a {c.get('_class_name')} VAE, not an AutoencoderKL")  # fmt: skip
+    down, up = c.get("down_block_types", []), c.get("up_block_types", [])
+    n = len(c.get("block_out_channels", []))
+    _refuse_if(any(d != "DownEncoderBlock2D" for d in down) or any(u != "UpDecoderBlock2D" for u in up)
+               or len(down) != n or len(up) != n, path, f"a VAE with blocks {down} / {up}")  # fmt: skip
+    for key, want in (("act_fn", "silu"), ("mid_block_add_attention", True), ("use_quant_conv", True),
+                      ("use_post_quant_conv", True)):  # fmt: skip
+        _refuse_if(c.get(key, want) != want, path, f"a VAE outside the SD-1 family ({key}={c.get(key)!r})")
+    return VAEConfig(
+        in_channels=c.get("in_channels", 3),
+        out_channels=c.get("out_channels", 3),
+        block_out_channels=tuple(c["block_out_channels"]),
+        layers_per_block=c.get("layers_per_block", 1),
+        latent_channels=c.get("latent_channels", 4),
+        norm_groups=c.get("norm_num_groups", 32),
+        scale_factor=float(c.get("scaling_factor") or 0.18215),
+    )
+
+
+def text_config_from_hf(path: Path) -> TextConfig:
+    c = _read_json(path)
+    arch = c.get("architectures") or ["CLIPTextModel"]
+    _refuse_if(c.get("model_type", "clip_text_model") != "clip_text_model" or arch[0] != "CLIPTextModel", path,
+               f"a {c.get('model_type')} / {arch[0]} text encoder, not a CLIPTextModel")  # fmt: skip
+    return TextConfig(
+        vocab_size=c.get("vocab_size", 49408),
+        hidden_size=c.get("hidden_size", 512),
+        intermediate_size=c.get("intermediate_size", 2048),
+        num_layers=c.get("num_hidden_layers", 12),
+        num_heads=c.get("num_attention_heads", 8),
+        max_positions=c.get("max_position_embeddings", 77),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+        hidden_act=c.get("hidden_act", "quick_gelu"),
+    )
+
+
+def config_from_diffusers(folder: Path) -> SDConfig:
+    """The SDConfig of a diffusers SD-1.x pipeline folder, from its three config.json files."""
+    unet = unet_config_from_diffusers(folder / "unet" / "config.json")
+    vae = vae_config_from_diffusers(folder / "vae" / "config.json")
+    text = text_config_from_hf(folder / "text_encoder" / "config.json")
+    if text.hidden_size != unet.context_dim:
+        raise WeightsError(
+            f"{folder}: text encoder width {text.hidden_size} does not match the UNet cross-attention "
+            f"width {unet.context_dim}"
+        )
+    if text.hidden_act not in ("quick_gelu", "gelu"):
+        raise WeightsError(f"{folder}: text encoder activation {text.hidden_act!r} is not supported")
+    return SDConfig(unet=unet, vae=vae, text=text)
+
+
+def identify_single_file(path: Path, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Refuse anything but an original-layout SD-1.x file; `shapes` maps every key to its shape."""
+    keys = list(shapes)
+
+    def has(prefix: str) -> int:
+        return sum(k.startswith(prefix) for k in keys)
+
+    def refuse(found: str) -> None:
+        raise WeightsError(f"{path}: this is {found}; expected {EXPECTED}")
+
+    if not keys:
+        refuse("a file without tensors")
+    if has("conditioner.embedders.") or any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
+        refuse("an SDXL checkpoint")
+    if any("lora_" in k or ".lora." in k or "lora_A" in k or "lora_down" in k for k in keys):
+        refuse("a LoRA adapter, not a full checkpoint")
+    unet_keys = has(UNET_PREFIX) + has(EMA_PREFIX)
+    if unet_keys == 0:
+        if has("down_blocks.") and has("up_blocks.") and any(".attentions." in k for k in keys):
+            refuse("a single diffusers UNet file (pass the whole diffusers folder instead)")
+        if has(VAE_PREFIX) or has("encoder.") or has("decoder.") or has("vae."):
+            refuse("a VAE-only checkpoint")
+        if has(TEXT_PREFIX) or has("text_model.") or has("cond_stage_model."):
+            refuse("a text-encoder-only checkpoint")
+        refuse(f"a file with no Stable Diffusion UNet keys (first key: {keys[0]!r})")
+    if has("cond_stage_model.model."):
+        refuse("an SD-2.x checkpoint (OpenCLIP text encoder)")
+    for k in keys:
+        if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"):
+            width = shapes[k][-1]
+            if width == 1024:
+                refuse("an SD-2.x checkpoint (1024-wide cross-attention)")
+            if width == 2048:
+                refuse("an SDXL checkpoint (2048-wide cross-attention)")
+            break  # any other width is checked against the config's shapes
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        refuse("an inpainting UNet (9 input channels)" if conv_in[1] == 9 else f"a UNet with {conv_in[1]} input channels")
+    if not has(VAE_PREFIX):
+        refuse("a UNet-only checkpoint (no first_stage_model. VAE keys)")
+    if not has(TEXT_PREFIX):
+        refuse("a checkpoint without the CLIP text encoder (no cond_stage_model.transformer. keys)")

@@ -1,0 +1,183 @@
+"""Key maps from the real-world SD-1.x checkpoint layouts to our parameter names.
+
+Our names are the original CompVis keys with the component prefix stripped (WEIGHTS.md §2.2), so
+the original layout only needs its prefixes removed (plus the EMA choice, §2.4), and the diffusers
+layout is mapped block by block with the rules of WEIGHTS.md §3, generated from the config so any
+SD-1-family shape (the tiny test pipelines included) maps the same way as SD-1.4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ldm.config import UNetConfig, VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+EMA_PREFIX = "model_ema."
+MIN_EMA_KEYS = 100  # diffusers' rule: fewer model_ema keys are leftover scalars, not an EMA copy
+
+UNET_RESNET_RENAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
+# Both the current and the legacy (query/key/value/proj_attn) diffusers names of the VAE attention.
+VAE_ATTENTION_RENAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "query": "q",
+    "to_k": "k",
+    "key": "k",
+    "to_v": "v",
+    "value": "v",
+    "to_out.0": "proj_out",
+    "proj_attn": "proj_out",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Keys starting with `source` move under `target`; the first component after it is renamed."""
+
+    source: str
+    target: str
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def apply(self, key: str) -> str | None:
+        if not key.startswith(self.source):
+            return None
+        rest = key[len(self.source) :]
+        for old, new in self.renames:
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old) :]
+                break
+        return self.target + rest
+
+
+def _unet_rules(cfg: UNetConfig) -> list[Rule]:
+    resnet = tuple(UNET_RESNET_RENAMES.items())
+    n, per = len(cfg.block_out_channels), cfg.layers_per_block
+    rules = [
+        Rule("time_embedding.linear_1.", "time_embed.0."),
+        Rule("time_embedding.linear_2.", "time_embed.2."),
+        Rule("conv_in.", "input_blocks.0.0."),
+        Rule("conv_norm_out.", "out.0."),
+        Rule("conv_out.", "out.2."),
+        Rule("mid_block.resnets.0.", "middle_block.0.", resnet),
+        Rule("mid_block.attentions.0.", "middle_block.1."),
+        Rule("mid_block.resnets.1.", "middle_block.2.", resnet),
+    ]
+    for b in range(n):
+        for j in range(per):
+            i = 1 + b * (per + 1) + j  # input_blocks index: conv_in, then per+1 entries per level
+            rules.append(Rule(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{i}.0.", resnet))
+            rules.append(Rule(f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{i}.1."))
+        if b < n - 1:
+            rules.append(Rule(f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{(b + 1) * (per + 1)}.0.op."))
+    for b in range(n):  # up_blocks[b] is level n-1-b
+        attention = cfg.attention_levels[n - 1 - b]
+        for j in range(per + 1):
+            i = b * (per + 1) + j
+            rules.append(Rule(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{i}.0.", resnet))
+            rules.append(Rule(f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{i}.1."))
+        if b < n - 1:
+            i, sub = b * (per + 1) + per, 2 if attention else 1
+            rules.append(Rule(f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{i}.{sub}.conv."))
+    return rules
+
+
+def _vae_rules(cfg: VAEConfig) -> list[Rule]:
+    resnet, attn = tuple(VAE_RESNET_RENAMES.items()), tuple(VAE_ATTENTION_RENAMES.items())
+    n = len(cfg.block_out_channels)
+    rules = [Rule("quant_conv.", "quant_conv."), Rule("post_quant_conv.", "post_quant_conv.")]
+    for part in ("encoder", "decoder"):
+        rules += [
+            Rule(f"{part}.conv_in.", f"{part}.conv_in."),
+            Rule(f"{part}.conv_out.", f"{part}.conv_out."),
+            Rule(f"{part}.conv_norm_out.", f"{part}.norm_out."),
+            Rule(f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", resnet),
+            Rule(f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", resnet),
+            Rule(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", attn),
+        ]
+    for i in range(n):
+        rules.append(Rule(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."))
+        rules.append(Rule(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv."))
+        # The decoder's up path is stored in reverse order in the original layout.
+        rules.append(Rule(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."))
+        rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n - 1 - i}.upsample.conv."))
+    return rules
+
+
+def _rename(state: dict[str, Tensor], rules: list[Rule]) -> tuple[dict[str, Tensor], list[str]]:
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        for rule in rules:
+            new = rule.apply(key)
+            if new is not None:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
+def unet_from_diffusers(state: dict[str, Tensor], cfg: UNetConfig) -> tuple[dict[str, Tensor], list[str]]:
+    """diffusers UNet2DConditionModel keys -> ours; also returns the keys no rule matched."""
+    return _rename(state, _unet_rules(cfg))
+
+
+def _vae_resnet_suffix(key: str) -> str:
+    # encoder.down.{i}.block.{j}.conv_shortcut -> nin_shortcut; the Rule above stops at `block.`.
+    parts = key.split(".")
+    if len(parts) > 5 and parts[1] in ("down", "up") and parts[3] == "block" and parts[5] == "conv_shortcut":
+        parts[5] = "nin_shortcut"
+    return ".".join(parts)
+
+
+def vae_from_diffusers(state: dict[str, Tensor], cfg: VAEConfig) -> tuple[dict[str, Tensor], list[str]]:
+    """diffusers AutoencoderKL keys -> ours; attention projections become 1x1 convs [C, C, 1, 1]."""
+    renamed, unknown = _rename(state, _vae_rules(cfg))
+    out: dict[str, Tensor] = {}
+    for key, value in renamed.items():
+        key = _vae_resnet_suffix(key)
+        if ".mid.attn_1." in key and key.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # [C, C] -> [C, C, 1, 1]
+        out[key] = value
+    return out, unknown
+
+
+def text_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF CLIPTextModel keys (with or without `text_model.`) -> ours; position_ids is a buffer, dropped."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        out[key] = value
+    return out
+
+
+def vae_attention_to_conv(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Original-layout files converted from diffusers sometimes carry 2-D VAE attention weights."""
+    return {
+        k: (v[:, :, None, None] if ".mid.attn_1." in k and k.endswith("weight") and v.ndim == 2 else v)
+        for k, v in state.items()
+    }
+
+
+def ema_key(unet_key: str) -> str:
+    """`input_blocks.1.0.in_layers.0.weight` -> `model_ema.diffusion_modelinput_blocks10in_layers0weight`."""
+    return EMA_PREFIX + "diffusion_model" + unet_key.replace(".", "")
+
+
+def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

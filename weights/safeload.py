@@ -1,0 +1,183 @@
+"""Read an untrusted checkpoint file into a flat {name: tensor} dict without running its code.
+
+WEIGHTS.md §4.3. The format is sniffed from the bytes, not the extension:
+- safetensors: the 8-byte header length and the JSON header are checked against the file size
+  before safetensors parses anything (a random or truncated file is refused with what was wrong);
+- PyTorch zip / legacy pickles: `torch.load(weights_only=True)` inside a scoped allow-list of
+  inert stand-ins for the few non-tensor globals old Lightning checkpoints carry (the callback
+  class used as a dict key, numpy scalars such as `best_model_score`). The stand-ins rebuild
+  nothing: the metadata they carry is never needed. Anything else the pickle asks for is refused
+  with the global's name; there is no fallback to `weights_only=False`.
+Nested `state_dict` wrappers are unwrapped and only tensor values are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.errors import WeightsError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # ComfyUI's bound; real SD headers are ~100 KB
+SAFETENSORS_DTYPES = {
+    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
+    "F8_E4M3", "F8_E5M2", "U16", "U32", "U64",
+}  # fmt: skip
+
+
+class _LightningCallbackStandIn:
+    """Takes the place of pytorch_lightning's ModelCheckpoint (a dict key in `callbacks`)."""
+
+    def __setstate__(self, state: Any) -> None:  # callback state is never used
+        pass
+
+
+class _NumpyDtypeStandIn:
+    """Takes the place of numpy.dtype / numpy.dtypes.Float64DType inside numpy-scalar pickles."""
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _numpy_scalar_stand_in(*args: Any) -> None:
+    """numpy.core.multiarray.scalar: the scalar's value (callback metadata) is dropped."""
+    return None
+
+
+def _codecs_encode_stand_in(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """_codecs.encode as protocol-2 pickles use it to carry bytes: str -> bytes, nothing else."""
+    if not isinstance(text, str) or not isinstance(encoding, str):
+        raise TypeError("only str -> bytes encoding is allowed")
+    return text.encode(encoding, errors)
+
+
+# (object, global name in the pickle). numpy 2 writes `numpy._core`, numpy 1 `numpy.core`.
+STAND_INS: list[tuple[Any, str]] = [
+    (_LightningCallbackStandIn, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_numpy_scalar_stand_in, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar_stand_in, "numpy._core.multiarray.scalar"),
+    (_NumpyDtypeStandIn, "numpy.dtype"),
+    (_NumpyDtypeStandIn, "numpy.dtypes.Float64DType"),
+    (_codecs_encode_stand_in, "_codecs.encode"),
+]
+
+
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'torch-zip', 'torch-legacy' or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol >= 2 opcode, as torch's legacy format writes
+        return "torch-legacy"
+    return "unknown"
+
+
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Validate the header against the file size; return the parsed header (without __metadata__)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise WeightsError(f"{path}: file too short ({size} bytes) to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise WeightsError(
+                f"{path}: safetensors header length {n} does not fit the file size {size} (corrupt or truncated)"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightsError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in SAFETENSORS_DTYPES
+            and isinstance(info.get("shape"), list)
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+        )
+        if not ok:
+            raise WeightsError(f"{path}: safetensors header entry {name!r} is malformed")
+        begin, end = info["data_offsets"]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise WeightsError(f"{path}: safetensors entry {name!r} has bad offsets {info['data_offsets']}")
+        end_max = max(end_max, end)
+    if end_max > data_bytes:
+        raise WeightsError(
+            f"{path}: truncated safetensors file: tensors need {end_max} data bytes, the file holds {data_bytes}"
+        )
+    return header
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
+
+
+def _load_pickle(path: Path, zip_format: bool) -> Any:
+    try:
+        with torch.serialization.safe_globals(STAND_INS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+    except Exception as err:  # noqa: BLE001 - classified below
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"unrecognized function (\S+)", text)
+        if found:
+            raise WeightsError(
+                f"{path}: refusing to unpickle: the file needs {found.group(1)}, which is not tensor data; "
+                "only weights are loaded from pickles (convert the file to safetensors with a tool you trust)"
+            ) from None
+        if "Unsupported" in text or "Can only" in text:
+            raise WeightsError(f"{path}: refusing to unpickle: {text.splitlines()[0]}") from None
+        reason = "truncated or corrupt PyTorch checkpoint" if zip_format else "not a readable PyTorch checkpoint"
+        raise WeightsError(f"{path}: {reason} ({text.splitlines()[0] if text else type(err).__name__})") from None
+
+
+def unwrap(obj: Any) -> dict[str, Tensor]:
+    """Descend through `state_dict` wrappers and keep the tensor values (WEIGHTS.md §4.3 item 3)."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of one checkpoint file, loaded without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint file {path} does not exist")
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind == "torch-zip":
+        if not zipfile.is_zipfile(path):
+            raise WeightsError(f"{path}: truncated or corrupt PyTorch checkpoint (zip directory unreadable)")
+        return unwrap(_load_pickle(path, zip_format=True))
+    if kind == "torch-legacy":
+        return unwrap(_load_pickle(path, zip_format=False))
+    raise WeightsError(
+        f"{path}: unrecognised file format: expected a .safetensors file or a PyTorch checkpoint (.ckpt/.bin/.pt)"
+    )
