@@ -1,0 +1,180 @@
+"""Compile the attention kernel for sm_80 and sm_90a without a GPU and read its register use.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline (TTIR ->
+TTGIR -> LLVM -> PTX -> cubin) with no driver: the target is given, not queried. The compiled
+object knows its shared memory (`metadata.shared`) but registers and spills are only reported by
+the driver at load time, so they are read from `ptxas -v` on the PTX, with the ptxas that Triton
+itself uses for that architecture (shipped in the wheel). A config passes when ptxas reports no
+spill stores or loads and its shared memory fits the architecture's per-block limit; only passing
+configs belong in triton_attention.CONFIGS (PERFORMANCE.md §4; a spilling attention kernel loses
+most of its speed).
+
+Numbers are for the Triton version installed where this runs (3.9 in CI); the GPU machines run
+3.6, whose code generation can differ a little.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.triton_attention import BlockConfig, _attn_fwd, block_d, precision
+
+# Max dynamic shared memory per block (CUDA programming guide, compute capability table).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+ARCHS = (80, 90)
+_TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class StaticResult:
+    arch: str  # "sm_80" / "sm_90a"
+    head_dim: int
+    dtype: str
+    config: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    shared_limit: int
+    compile_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_stores == 0 and self.spill_loads == 0 and self.shared_bytes <= self.shared_limit
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton uses for this architecture (sm_90+ uses the newer 'ptxas-blackwell')."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return str(get_ptxas(capability).path)
+    except (ImportError, AttributeError):  # older Triton: one ptxas in the wheel's bin/
+        import triton
+
+        found = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        return str(found) if found.exists() else (shutil.which("ptxas") or "ptxas")
+
+
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) of the kernel in `ptx`, from `ptxas -v`."""
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run(
+            [_ptxas(capability), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    log = proc.stdout + proc.stderr
+    regs, spill = _PTXAS_REGS.search(log), _PTXAS_SPILL.search(log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"could not read registers/spills from ptxas output:\n{log}")
+    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
+def compile_config(head_dim: int, dtype: torch.dtype, config: BlockConfig, capability: int) -> StaticResult:
+    """Compile the gathering variant (a superset of the plain one) for one target and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d(head_dim),
+        GATHER=True,
+        PRECISION=precision(dtype),
+        EMULATE_BF16=False,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+    )
+    signature = {name: "i32" for name in _attn_fwd.arg_names}  # strides, H, N_Q, N_K
+    signature.update({name: f"*{_TL_TYPE[dtype]}" for name in ("Q", "K", "V", "O")})
+    signature.update({name: "*i32" for name in ("QROWS", "KROWS", "VROWS")})
+    signature["qk_scale"] = "fp32"
+    signature.update({name: "constexpr" for name in constexprs})
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Triton 3.9's FP-fusion default notice
+        compiled = triton.compile(
+            ASTSource(_attn_fwd, signature, constexprs=constexprs),
+            target=GPUTarget("cuda", capability, 32),
+            options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
+    regs, spill_st, spill_ld = ptxas_usage(compiled.asm["ptx"], capability)
+    return StaticResult(
+        arch="sm_90a" if capability == 90 else f"sm_{capability}",
+        head_dim=head_dim,
+        dtype=_TL_TYPE[dtype],
+        config=str(config),
+        registers=regs,
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        shared_bytes=int(compiled.metadata.shared),
+        shared_limit=SHARED_LIMIT[capability],
+        compile_s=round(time.perf_counter() - start, 2),
+    )
+
+
+def markdown_table(results: list[StaticResult]) -> str:
+    lines = [
+        "| arch | head dim | dtype | config (BLOCK_M-BLOCK_N-warps-stages) | registers | spill st/ld (B) | shared (B) | ok |",
+        "|---|---:|---|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.arch} | {r.head_dim} | {r.dtype} | {r.config} | {r.registers} | "
+            f"{r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {'yes' if r.ok else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _compile_job(job: tuple[int, str, str, int]) -> StaticResult:
+    head_dim, dtype_name, config_name, capability = job
+    dtype = {v: k for k, v in _TL_TYPE.items()}[dtype_name]
+    m, n, w, s = (int(part[1:]) for part in config_name.split("-"))
+    return compile_config(head_dim, dtype, BlockConfig(m, n, w, s), capability)
+
+
+def sweep(
+    head_dims: tuple[int, ...],
+    dtypes: tuple[torch.dtype, ...],
+    configs: list[BlockConfig],
+    archs: tuple[int, ...] = ARCHS,
+    jobs: int = 1,
+) -> list[StaticResult]:
+    """compile_config over the product, in `jobs` processes (each compile is single-threaded)."""
+    work = [(d, _TL_TYPE[t], str(c), a) for a in archs for d in head_dims for t in dtypes for c in configs]
+    if jobs <= 1:
+        return [_compile_job(job) for job in work]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_compile_job, work, chunksize=1)
+
+
+def passing_configs(results: list[StaticResult]) -> dict[tuple[int, str], list[str]]:
+    """(head_dim, dtype) -> configs that pass on every architecture swept, in candidate order."""
+    by_key: dict[tuple[int, str], dict[str, bool]] = {}
+    for r in results:
+        ok = by_key.setdefault((r.head_dim, r.dtype), {})
+        ok[r.config] = ok.get(r.config, True) and r.ok
+    return {key: [c for c, good in oks.items() if good] for key, oks in by_key.items()}
