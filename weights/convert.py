@@ -40,13 +40,9 @@ DIFFUSERS_FILES = {
 
 def expected_shapes(config: SDConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """Parameter name -> shape of each of our networks for `config`, built on the meta device."""
-    from ldm.text import CLIPTextModel
-    from ldm.unet import UNet
-    from ldm.vae import AutoencoderKL
+    from ldm.model import build_networks
 
-    with torch.device("meta"):
-        modules = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae), "text": CLIPTextModel(config.text)}
-    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in modules.items()}
+    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in build_networks(config).items()}
 
 
 def check_against_config(
