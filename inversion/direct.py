@@ -1,0 +1,71 @@
+"""DirectInversion / PnP Inversion (Ju et al., ICLR 2024; ALGORITHMS.md part A §6).
+
+Invert with plain DDIM, then during editing force the source branch back onto the inversion
+trajectory after every step, leaving the target branch alone. Two equivalent forms:
+
+- "fused" (default): the loop overwrites the source latent with the pivot L[-2-i] after each step
+  (§6.3). No extra pass: 50 UNet rows for the inversion.
+- "offset": the reference's form. A separate 50-step pass records D[i] = L[-2-i] - z_rec, where
+  z_rec is one CFG step (scale cfg.guidance, uncond E("")) from the pivot L[-1-i]; the loop adds
+  D[i] to the source latent. The reference runs this pass on a batch of 4 whose target half it
+  never uses (§6.1); we run the source pair [E(""), E(src)] only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from inversion.ddim import InversionConfig, ddim_trajectory, unet_eps
+from samplers.ddim import ddim_step
+from samplers.trajectory import Correction, Inversion
+
+
+@dataclass(frozen=True)
+class DirectConfig(InversionConfig):
+    form: Literal["fused", "offset"] = "fused"
+
+
+@torch.no_grad()
+def source_offsets(
+    sd: torch.nn.Module, trajectory: list[Tensor], c_null: Tensor, c_src: Tensor, cfg: InversionConfig
+) -> list[Tensor]:
+    """D[i] = L[-2-i] - ddim_step(L[-1-i], CFG(eps(L[-1-i], t_i, [E(""), E(src)]))), i = 0..steps-1."""
+    schedule = cfg.schedule
+    context = torch.cat([c_null, c_src])  # (2, 77, C): uncond row first, as the reference batches
+    offsets = []
+    z = trajectory[-1]
+    for i, t in enumerate(tqdm(schedule.timesteps, desc="DirectInversion offsets", disable=not cfg.progress, leave=False)):
+        e_u, e_c = unet_eps(sd, z, t, context).chunk(2)
+        z_rec = ddim_step(z, e_u + cfg.guidance * (e_c - e_u), t, schedule)
+        d = trajectory[-2 - i] - z_rec
+        offsets.append(d)
+        z = z_rec + d  # back on the pivot, as the reference does
+    return offsets
+
+
+def invert_direct(
+    sd: torch.nn.Module,
+    z0: Tensor,
+    c_src: Tensor,
+    cfg: DirectConfig = DirectConfig(),
+    *,
+    trajectory: list[Tensor] | None = None,
+) -> Inversion:
+    """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass)."""
+    if trajectory is None:
+        trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
+    if cfg.form == "fused":
+        pivots = tuple(trajectory[-2 - i] for i in range(cfg.steps))
+        return Inversion(trajectory[-1], trajectory, corrections=Correction("pivot", pivots), unet_rows=cfg.steps, method="direct")
+    if cfg.form != "offset":
+        raise ValueError(f"DirectInversion form must be 'fused' or 'offset', got {cfg.form!r}")
+    c_null = sd.embed([""]).to(c_src)
+    offsets = source_offsets(sd, trajectory, c_null, c_src, cfg)
+    return Inversion(
+        trajectory[-1], trajectory, corrections=Correction("offset", tuple(offsets)), unet_rows=3 * cfg.steps, method="direct"
+    )

@@ -1,0 +1,116 @@
+"""Images in and out of the latent space (ALGORITHMS.md part A §1.5).
+
+Loading follows the reference's `load_512` (cure-lab/PnPInversion `utils/utils.py`): center-crop
+to the target aspect ratio along the longer side, then PIL's default resize (bicubic), then
+x = uint8 / 127.5 - 1. Unlike the reference it accepts greyscale, palette and alpha images
+(alpha is dropped, as the reference's `[:, :, :3]` does) and sizes other than 512x512 (any
+multiple of 64, the UNet's total downsampling x 8 of the VAE). Encoding is the posterior *mean*
+times the VAE scale factor (0.18215); decoding divides by it and converts to uint8 by truncation,
+as the reference's `latent2image` does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from ldm.errors import ImageError
+from ldm.files import atomic_path
+
+MULTIPLE = 64
+
+
+def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """"512" -> (512, 512); "768x512" -> (width 768, height 512); each a positive multiple of 64."""
+    if isinstance(text, int):
+        size = (text, text)
+    elif isinstance(text, tuple):
+        size = text
+    else:
+        parts = text.lower().split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ImageError(f"image size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512") from None
+        if len(values) not in (1, 2):
+            raise ImageError(f"image size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512")
+        size = (values[0], values[-1])
+    for v in size:
+        if v <= 0 or v % MULTIPLE:
+            raise ImageError(f"image size {size[0]}x{size[1]}: width and height must be positive multiples of {MULTIPLE}")
+    return size
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """(H, W, 3) uint8 of any image PIL reads; greyscale/palette expanded, alpha dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{p}: no such image file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit greyscale: keep the top 8 bits instead of PIL's clipping to 255
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
+            elif img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8), "L")
+            rgb = img.convert("RGB")  # RGBA/LA: alpha dropped (no compositing), as [:, :, :3] does
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageError(f"{p}: cannot read image ({err})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def center_crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Crop the centered region of aspect width:height, then resize to size = (width, height).
+
+    For a square target this is exactly the reference's crop (offset (long - short) // 2).
+    """
+    h, w = image.shape[:2]
+    tw, th = size
+    if w * th > h * tw:  # too wide: crop columns
+        cw, ch = (h * tw) // th, h
+    else:
+        cw, ch = w, (w * th) // tw
+    top, left = (h - ch) // 2, (w - cw) // 2
+    image = image[top : top + ch, left : left + cw]
+    # PIL's default filter (bicubic for RGB), as the reference's resize((512, 512)) call
+    return np.asarray(Image.fromarray(image).resize((tw, th)), dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike[str], size: str | int | tuple[int, int] = 512) -> np.ndarray:
+    """(H, W, 3) uint8 ready to encode: read, center-cropped and resized to `size`."""
+    return center_crop_resize(read_rgb(path), parse_size(size))
+
+
+def to_tensor(image: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1]."""
+    return (torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).float() / 127.5 - 1).permute(2, 0, 1).unsqueeze(0)
+
+
+@torch.no_grad()
+def encode(sd: torch.nn.Module, image: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> z0 (1, 4, H/8, W/8) float32: posterior mean x scale_factor."""
+    x = to_tensor(image).to(sd.device, sd.dtype)
+    return sd.vae.encode(x).mean.float() * sd.config.vae.scale_factor
+
+
+@torch.no_grad()
+def decode(sd: torch.nn.Module, latents: Tensor) -> np.ndarray:
+    """(B, 4, h, w) -> (B, 8h, 8w, 3) uint8; x/2 + 0.5 clamped, * 255 truncated like the reference."""
+    x = sd.vae.decode((latents / sd.config.vae.scale_factor).to(sd.device, sd.dtype)).float()
+    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write (H, W, 3) uint8 as PNG atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
