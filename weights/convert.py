@@ -123,28 +123,27 @@ def _describe_folder(folder: Path) -> str:
 # --- single original-layout file ----------------------------------------------------------------
 
 
-def _header_shapes(path: Path) -> dict[str, list[int]] | None:
-    if sniff_format(path) != "safetensors":
-        return None
-    return {k: v["shape"] for k, v in check_safetensors_header(path).items()}
-
-
 def read_single_file(
     path: Path, config: SDConfig, ema: bool | None
 ) -> tuple[dict[str, dict[str, Tensor]], bool]:
     """Components of an original-layout file and whether the UNet came from its EMA copy."""
-    shapes = _header_shapes(path)
-    if shapes is not None:  # identify from the header before reading gigabytes
-        identify.identify_single_file(path, shapes)
-    state = read_state_dict(path)
-    if shapes is None:
-        identify.identify_single_file(path, {k: list(v.shape) for k, v in state.items()})
+    state: dict[str, Tensor] | None = None
+    if sniff_format(path) == "safetensors":  # identify from the header before reading gigabytes
+        shapes = {k: v["shape"] for k, v in check_safetensors_header(path).items()}
+    else:  # a zip pickle is memory-mapped: listing its shapes reads no tensor data
+        state = read_state_dict(path)
+        shapes = {k: list(v.shape) for k, v in state.items()}
+    identify.identify_single_file(path, shapes)
 
-    n_ema = sum(k.startswith(layouts.EMA_PREFIX) for k in state)
+    n_ema = sum(k.startswith(layouts.EMA_PREFIX) for k in shapes)
     has_ema = n_ema > layouts.MIN_EMA_KEYS
     if ema and not has_ema:
         raise WeightsError(f"{path}: --ema was asked for but the file has no EMA weights ({n_ema} model_ema. keys)")
     use_ema = has_ema if ema is None else bool(ema)
+    unet_prefix = layouts.EMA_PREFIX if use_ema else layouts.UNET_PREFIX
+    wanted = (unet_prefix, layouts.VAE_PREFIX, layouts.TEXT_PREFIX)
+    if state is None:
+        state = read_state_dict(path, keep=lambda k: k.startswith(wanted))
     if use_ema:
         unet_names = expected_shapes(config)["unet"]
         unet = {k: state[layouts.ema_key(k)] for k in unet_names if layouts.ema_key(k) in state}

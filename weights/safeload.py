@@ -18,7 +18,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -127,12 +127,13 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+def _load_safetensors(path: Path, keep: Callable[[str], bool]) -> dict[str, Tensor]:
+    from safetensors import safe_open
 
     check_safetensors_header(path)
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
         raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
 
@@ -164,20 +165,22 @@ def unwrap(obj: Any) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """All tensors of one checkpoint file, loaded without executing code from it."""
+def read_state_dict(path: str | Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, Tensor]:
+    """The tensors of one checkpoint file whose names pass `keep`, loaded without executing code
+    from it. safetensors files read only those tensors; zip pickles are memory-mapped, so tensors
+    that are dropped are never read either."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint file {path} does not exist")
     kind = sniff_format(path)
     if kind == "safetensors":
-        return _load_safetensors(path)
+        return _load_safetensors(path, keep)
     if kind == "torch-zip":
         if not zipfile.is_zipfile(path):
             raise WeightsError(f"{path}: truncated or corrupt PyTorch checkpoint (zip directory unreadable)")
-        return unwrap(_load_pickle(path, zip_format=True))
+        return {k: v for k, v in unwrap(_load_pickle(path, zip_format=True)).items() if keep(k)}
     if kind == "torch-legacy":
-        return unwrap(_load_pickle(path, zip_format=False))
+        return {k: v for k, v in unwrap(_load_pickle(path, zip_format=False)).items() if keep(k)}
     raise WeightsError(
         f"{path}: unrecognised file format: expected a .safetensors file or a PyTorch checkpoint (.ckpt/.bin/.pt)"
     )
