@@ -35,7 +35,7 @@ from weights.safeload import read_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import (  # noqa: E402
+from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -196,7 +196,9 @@ def original_vae_key(key: str, n_levels: int) -> str:
     key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
     key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
     key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-    key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(
+        r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_levels - 1 - int(m[1])}.block.", key
+    )
     key = re.sub(
         r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n_levels - 1 - int(m[1])}.upsample.", key
     )
@@ -359,7 +361,9 @@ def test_original_safetensors_round_trip(tmp_path, refs, original_safetensors, c
     assert_same_outputs(StableDiffusion.load(dst), *refs)
 
 
-def test_lightning_ckpt_uses_ema_by_default_and_non_ema_on_request(tmp_path, refs, non_ema_unet, lightning_ckpt, config_json):
+def test_lightning_ckpt_uses_ema_by_default_and_non_ema_on_request(
+    tmp_path, refs, non_ema_unet, lightning_ckpt, config_json
+):
     # Plain weights_only loading cannot read it (callback class, numpy scalars); ours can.
     with pytest.raises(Exception, match="pytorch_lightning|numpy|Unsupported global"):
         torch.load(lightning_ckpt, weights_only=True)
@@ -481,8 +485,14 @@ U, V, T = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.tran
 BASE = {V + "encoder.conv_in.weight": (128, 3, 3, 3), T + "final_layer_norm.weight": (768,)}
 BAD_FILES = {
     "sd2": ({U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024), **BASE}, "SD-2"),
-    "sd2-openclip": ({U + "out.2.bias": (4,), V + "decoder.conv_in.weight": (512, 4, 3, 3),
-                      "cond_stage_model.model.ln_final.weight": (1024,)}, "SD-2"),  # fmt: skip
+    "sd2-openclip": (
+        {
+            U + "out.2.bias": (4,),
+            V + "decoder.conv_in.weight": (512, 4, 3, 3),
+            "cond_stage_model.model.ln_final.weight": (1024,),
+        },
+        "SD-2",
+    ),  # fmt: skip
     "sdxl": ({U + "label_emb.0.0.weight": (1280, 2816), "conditioner.embedders.0.transformer.x": (1,)}, "SDXL"),
     "inpainting": ({U + "input_blocks.0.0.weight": (320, 9, 3, 3), **BASE}, "inpainting"),
     "vae-only": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "VAE-only"),

@@ -28,7 +28,7 @@ from ldm.model import StableDiffusion
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from test_weights import REPO, original_layout  # noqa: E402
+from test_weights import REPO, original_layout
 
 SD14_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280),
@@ -120,7 +120,9 @@ def test_killed_conversion_leaves_nothing_loadable(tmp_path, full_ckpt):
         deadline = time.monotonic() + 300
         partial: list[Path] = []
         while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".sd14.") and (p / "unet.safetensors").exists()]
+            partial = [
+                p for p in tmp_path.iterdir() if p.name.startswith(".sd14.") and (p / "unet.safetensors").exists()
+            ]
             if partial:
                 break
             time.sleep(0.01)

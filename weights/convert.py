@@ -17,19 +17,18 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from ldm.config import SD14, SDConfig
 from ldm.errors import UsageError, WeightsError
+from ldm.model import COMPONENTS, DTYPES, build_networks
 from weights import identify, layouts
 from weights.safeload import check_safetensors_header, read_state_dict, sniff_format
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-COMPONENTS = ("unet", "vae", "text")
 # diffusers folder: subfolder -> weight file stems, in order of preference.
 DIFFUSERS_FILES = {
     "unet": ("diffusion_pytorch_model",),
@@ -40,9 +39,11 @@ DIFFUSERS_FILES = {
 
 def expected_shapes(config: SDConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """Parameter name -> shape of each of our networks for `config`, built on the meta device."""
-    from ldm.model import build_networks
-
-    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in build_networks(config).items()}
+    try:
+        nets = build_networks(config)
+    except ValueError as err:  # the networks refuse configs outside the SD-1 family
+        raise WeightsError(f"unsupported model config: {err}") from None
+    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in nets.items()}
 
 
 def check_against_config(
@@ -123,9 +124,7 @@ def _describe_folder(folder: Path) -> str:
 # --- single original-layout file ----------------------------------------------------------------
 
 
-def read_single_file(
-    path: Path, config: SDConfig, ema: bool | None
-) -> tuple[dict[str, dict[str, Tensor]], bool]:
+def read_single_file(path: Path, config: SDConfig, ema: bool | None) -> tuple[dict[str, dict[str, Tensor]], bool]:
     """Components of an original-layout file and whether the UNet came from its EMA copy."""
     state: dict[str, Tensor] | None = None
     if sniff_format(path) == "safetensors":  # identify from the header before reading gigabytes
@@ -298,9 +297,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("src", help="sd-v1-4.ckpt, a same-layout .safetensors, or a diffusers folder")
     parser.add_argument("dst", help="new directory to write (must not exist, or be empty)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this precision (default: as the source)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="store weights in this precision (default: as the source)"
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--ema", dest="ema", action="store_true", default=None, help="take the UNet from the EMA copy (required)")
+    group.add_argument(
+        "--ema", dest="ema", action="store_true", default=None, help="take the UNet from the EMA copy (required)"
+    )
     group.add_argument("--no-ema", dest="ema", action="store_false", help="never use the EMA copy")
     parser.add_argument("--config", help="our config.json for a single-file checkpoint that is not SD-1.4-shaped")
     args = parser.parse_args(argv)

@@ -9,8 +9,9 @@ misnomer; `num_attention_heads` takes precedence when set.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ldm.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from ldm.errors import WeightsError
@@ -177,8 +178,10 @@ def config_from_diffusers(folder: Path) -> SDConfig:
             f"{folder}: text encoder width {text.hidden_size} does not match the UNet cross-attention "
             f"width {unet.context_dim}"
         )
-    if text.hidden_act not in ("quick_gelu", "gelu"):
-        raise WeightsError(f"{folder}: text encoder activation {text.hidden_act!r} is not supported")
+    if text.hidden_act != "quick_gelu":  # OpenAI CLIP's; other activations mean another text tower
+        raise WeightsError(
+            f"{folder / 'text_encoder'}: text encoder activation {text.hidden_act!r}; SD-1 uses quick_gelu"
+        )
     return SDConfig(unet=unet, vae=vae, text=text)
 
 
@@ -219,7 +222,9 @@ def identify_single_file(path: Path, shapes: Mapping[str, Sequence[int]]) -> Non
             break  # any other width is checked against the config's shapes
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in[1] != 4:
-        refuse("an inpainting UNet (9 input channels)" if conv_in[1] == 9 else f"a UNet with {conv_in[1]} input channels")
+        refuse(
+            "an inpainting UNet (9 input channels)" if conv_in[1] == 9 else f"a UNet with {conv_in[1]} input channels"
+        )
     if not has(VAE_PREFIX):
         refuse("a UNet-only checkpoint (no first_stage_model. VAE keys)")
     if not has(TEXT_PREFIX):

@@ -17,8 +17,9 @@ import json
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,7 +52,6 @@ class _NumpyDtypeStandIn:
 
 def _numpy_scalar_stand_in(*args: Any) -> None:
     """numpy.core.multiarray.scalar: the scalar's value (callback metadata) is dropped."""
-    return None
 
 
 def _codecs_encode_stand_in(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -134,7 +134,7 @@ def _load_safetensors(path: Path, keep: Callable[[str], bool]) -> dict[str, Tens
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
-    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
+    except Exception as err:  # any parse failure means a corrupt file
         raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
 
 
@@ -142,7 +142,7 @@ def _load_pickle(path: Path, zip_format: bool) -> Any:
     try:
         with torch.serialization.safe_globals(STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:  # torch raises several types; classified by message below
         text = str(err)
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"unrecognized function (\S+)", text)
         if found:
