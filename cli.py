@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ldm.model", "build a model (e.g. --model tiny-random) and print its size and sites"),
     "convert": ("weights.convert", "convert an SD-1.x checkpoint (.ckpt, .safetensors, diffusers folder) into a model directory"),
     "reconstruct": ("evaluation.reconstruct", "invert an image and reconstruct it with its prompt (ddim|direct|negative-prompt|null-text)"),
+    "edit": ("evaluation.edit", "invert an image and edit it: --source/--target prompts, --control p2p|p2p-replace|masactrl|pnp|none"),
 }
 
 
