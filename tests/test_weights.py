@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import types
@@ -383,6 +384,16 @@ def test_cli_converts_to_the_requested_dtype(tmp_path, original_safetensors, con
         assert StableDiffusion.load(dst).dtype == dtype
 
 
+def test_cli_ema_flags(tmp_path, refs, non_ema_unet, lightning_ckpt, config_json):
+    common = ["--config", str(config_json)]
+    assert cli.main(["convert", str(lightning_ckpt), str(tmp_path / "ema"), "--ema", *common]) == 0
+    assert cli.main(["convert", str(lightning_ckpt), str(tmp_path / "raw"), "--no-ema", *common]) == 0
+    ema, raw = (load_file(str(tmp_path / d / "unet.safetensors")) for d in ("ema", "raw"))
+    # out.2 is the final conv in the original layout, conv_out in diffusers'.
+    assert torch.equal(ema["out.2.weight"], refs[0].state_dict()["conv_out.weight"])
+    assert torch.equal(raw["out.2.weight"], non_ema_unet.state_dict()["conv_out.weight"])
+
+
 def test_ema_flag_on_a_file_without_ema_is_refused(tmp_path, original_safetensors, config_json):
     with pytest.raises(WeightsError, match="no EMA"):
         convert(original_safetensors, tmp_path / "m", ema=True, config=config_json)
@@ -497,11 +508,19 @@ BAD_FILES = {
     "inpainting": ({U + "input_blocks.0.0.weight": (320, 9, 3, 3), **BASE}, "inpainting"),
     "vae-only": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "VAE-only"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "LoRA"),
+    "lora-peft": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 320)}, "LoRA"),
 }
 
 
 def _bad_inputs(tmp_path: Path, original_safetensors: Path) -> dict[str, tuple[Path, str]]:
     cases = {name: (_single(tmp_path, f"{name}.safetensors", t), msg) for name, (t, msg) in BAD_FILES.items()}
+    huge = tmp_path / "bad-header.safetensors"
+    huge.write_bytes(struct.pack("<Q", 10**12) + b'{"a": {}}')
+    cases["bad-header"] = (huge, "does not fit the file size")
+    lying = tmp_path / "bad-offsets.safetensors"
+    header = json.dumps({"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    lying.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    cases["bad-offsets"] = (lying, "truncated safetensors file")
     rnd = tmp_path / "random.ckpt"
     rnd.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
     cases["random-bytes"] = (rnd, "unrecognised file format|not a readable|corrupt")

@@ -199,7 +199,7 @@ def identify_single_file(path: Path, shapes: Mapping[str, Sequence[int]]) -> Non
         refuse("a file without tensors")
     if has("conditioner.embedders.") or any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
         refuse("an SDXL checkpoint")
-    if any("lora_" in k or ".lora." in k or "lora_A" in k or "lora_down" in k for k in keys):
+    if any("lora" in k.lower() for k in keys):  # kohya lora_unet_*, PEFT lora_A/B, diffusers *_lora.*
         refuse("a LoRA adapter, not a full checkpoint")
     unet_keys = has(UNET_PREFIX) + has(EMA_PREFIX)
     if unet_keys == 0:
