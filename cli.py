@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("weights.convert", "convert an SD-1.x checkpoint (.ckpt, .safetensors, diffusers folder) into a model directory"),
     "reconstruct": ("evaluation.reconstruct", "invert an image and reconstruct it with its prompt (ddim|direct|negative-prompt|null-text)"),
     "edit": ("evaluation.edit", "invert an image and edit it: --source/--target prompts, --control p2p|p2p-replace|masactrl|pnp|none"),
+    "bench": ("kernels.bench", "benchmark: `bench kernel` times the Triton attention against each SDPA backend (--static: ptxas check)"),
 }
 
 
