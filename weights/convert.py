@@ -124,8 +124,8 @@ def _describe_folder(folder: Path) -> str:
 # --- single original-layout file ----------------------------------------------------------------
 
 
-def read_single_file(path: Path, config: SDConfig, ema: bool | None) -> tuple[dict[str, dict[str, Tensor]], bool]:
-    """Components of an original-layout file and whether the UNet came from its EMA copy."""
+def read_single_file(path: Path, config: SDConfig, ema: bool | None) -> dict[str, dict[str, Tensor]]:
+    """The components of an original-layout file, the UNet from its EMA copy when chosen."""
     state: dict[str, Tensor] | None = None
     if sniff_format(path) == "safetensors":  # identify from the header before reading gigabytes
         shapes = {k: v["shape"] for k, v in check_safetensors_header(path).items()}
@@ -152,7 +152,7 @@ def read_single_file(path: Path, config: SDConfig, ema: bool | None) -> tuple[di
             raise WeightsError(f"{path}: no non-EMA UNet weights (model.diffusion_model.*); use --ema")
     vae = layouts.vae_attention_to_conv(layouts.strip_prefix(state, layouts.VAE_PREFIX))
     text = layouts.text_from_hf(layouts.strip_prefix(state, layouts.TEXT_PREFIX))
-    return {"unet": unet, "vae": vae, "text": text}, use_ema
+    return {"unet": unet, "vae": vae, "text": text}
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -224,6 +224,9 @@ def _write(
         if dst.is_dir():  # an empty directory the user created: replace it
             dst.rmdir()
         os.rename(tmp, dst)
+    except OSError as err:  # disk full, permissions, a destination that appeared meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"writing {dst} failed: {err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,7 +264,8 @@ def convert(
     dtype: "fp16" | "bf16" | "fp32" | a torch dtype | None (keep the source's). ema: None takes the
     UNet from the EMA copy when the file has one, True requires it, False never uses it.
     config: our SDConfig (object, dict or JSON path) for single files that are not SD-1.4-shaped;
-    a diffusers folder carries its own.
+    a diffusers folder carries its own. A folder without tokenizer files gets the bundled CLIP
+    tokenizer, as single files do (every SD-1.x uses CLIP ViT-L/14's).
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -282,7 +286,7 @@ def convert(
     else:
         hint = "" if sd_config is not None else " (pass --config CONFIG.json for a checkpoint not shaped like SD-1.4)"
         sd_config = sd_config or SD14
-        components, _ = read_single_file(src, sd_config, ema)
+        components = read_single_file(src, sd_config, ema)
         tokenizer_dir = None
     check_against_config(components, sd_config, src, hint)
     _write(dst, components, sd_config, _target_dtype(components, dtype), tokenizer_dir)
