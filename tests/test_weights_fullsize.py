@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def full_ckpt(tmp_path_factory):
     torch.save({"state_dict": state, "global_step": 470000}, path)
     spot = {k: state[k].clone() for k in list(state)[::97]}
     del state, pool
-    return path, shapes, spot
+    yield path, shapes, spot
+    path.unlink()  # 2 GB: do not leave it in pytest's retained temp directories
 
 
 def test_full_size_sd14_checkpoint_converts_every_tensor(tmp_path, full_ckpt):
@@ -109,6 +111,8 @@ def test_full_size_sd14_checkpoint_converts_every_tensor(tmp_path, full_ckpt):
     assert SDConfig.from_dict(json.loads((dst / "config.json").read_text())) == SD14
     sd = StableDiffusion.load(dst)  # the strict key/shape/dtype check of the loading side
     assert sd.config == SD14 and sd.dtype == torch.float16
+    del sd
+    shutil.rmtree(dst)
 
 
 def test_killed_conversion_leaves_nothing_loadable(tmp_path, full_ckpt):
@@ -135,3 +139,4 @@ def test_killed_conversion_leaves_nothing_loadable(tmp_path, full_ckpt):
         StableDiffusion.load(dst)
     with pytest.raises(WeightsError):  # the hidden leftover is not a model directory either
         StableDiffusion.load(partial[0])
+    shutil.rmtree(partial[0])
