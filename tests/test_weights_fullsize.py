@@ -29,7 +29,7 @@ from ldm.model import StableDiffusion
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from test_weights import REPO, original_layout
+from test_weights import REPO, original_layout  # noqa: E402
 
 SD14_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280),
