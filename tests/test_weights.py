@@ -36,7 +36,7 @@ from weights.safeload import read_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import (
+from diffusers.loaders.single_file_utils import (  # noqa: E402
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
