@@ -108,11 +108,12 @@ def _vae_rules(cfg: VAEConfig) -> list[Rule]:
             Rule(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", attn),
         ]
     for i in range(n):
-        rules.append(Rule(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."))
+        k = n - 1 - i  # the decoder's up path is stored in reverse order in the original layout
+        for j in range(cfg.layers_per_block + 1):  # the decoder has one ResnetBlock more per level
+            rules.append(Rule(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", resnet))
+            rules.append(Rule(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{k}.block.{j}.", resnet))
         rules.append(Rule(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv."))
-        # The decoder's up path is stored in reverse order in the original layout.
-        rules.append(Rule(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."))
-        rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n - 1 - i}.upsample.conv."))
+        rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{k}.upsample.conv."))
     return rules
 
 
@@ -135,24 +136,10 @@ def unet_from_diffusers(state: dict[str, Tensor], cfg: UNetConfig) -> tuple[dict
     return _rename(state, _unet_rules(cfg))
 
 
-def _vae_resnet_suffix(key: str) -> str:
-    # encoder.down.{i}.block.{j}.conv_shortcut -> nin_shortcut; the Rule above stops at `block.`.
-    parts = key.split(".")
-    if len(parts) > 5 and parts[1] in ("down", "up") and parts[3] == "block" and parts[5] == "conv_shortcut":
-        parts[5] = "nin_shortcut"
-    return ".".join(parts)
-
-
 def vae_from_diffusers(state: dict[str, Tensor], cfg: VAEConfig) -> tuple[dict[str, Tensor], list[str]]:
     """diffusers AutoencoderKL keys -> ours; attention projections become 1x1 convs [C, C, 1, 1]."""
     renamed, unknown = _rename(state, _vae_rules(cfg))
-    out: dict[str, Tensor] = {}
-    for key, value in renamed.items():
-        key = _vae_resnet_suffix(key)
-        if ".mid.attn_1." in key and key.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # [C, C] -> [C, C, 1, 1]
-        out[key] = value
-    return out, unknown
+    return vae_attention_to_conv(renamed), unknown
 
 
 def text_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -167,9 +154,12 @@ def text_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def vae_attention_to_conv(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Original-layout files converted from diffusers sometimes carry 2-D VAE attention weights."""
+    """Mid-block attention projections as 1x1 convs: diffusers stores them as linear [C, C], and
+    original-layout files converted from diffusers sometimes do too."""
     return {
-        k: (v[:, :, None, None] if ".mid.attn_1." in k and k.endswith("weight") and v.ndim == 2 else v)
+        k: (
+            v[:, :, None, None] if ".mid.attn_1." in k and k.endswith("weight") and v.ndim == 2 else v
+        )  # -> [C, C, 1, 1]
         for k, v in state.items()
     }
 
