@@ -31,7 +31,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ("ddim", "direct", "negative-prompt", "null-text")
 
 
-def invert(method: str, sd: torch.nn.Module, z0: torch.Tensor, c_src: torch.Tensor, args: argparse.Namespace) -> tuple[Inversion, object]:
+def invert(
+    method: str, sd: torch.nn.Module, z0: torch.Tensor, c_null: torch.Tensor, c_src: torch.Tensor, args: argparse.Namespace
+) -> tuple[Inversion, object]:
     """Run one inversion method with the CLI's settings; returns it and its config (for run.json)."""
     common = dict(steps=args.steps, guidance=args.guidance, progress=not args.no_progress)
     runs: dict[str, tuple[Callable[..., Inversion], object]] = {
@@ -41,6 +43,8 @@ def invert(method: str, sd: torch.nn.Module, z0: torch.Tensor, c_src: torch.Tens
         "null-text": (invert_null_text, NullTextConfig(**common)),
     }
     fn, cfg = runs[method]
+    if method == "direct":  # its offsets must be recorded with the loop's own uncond tensor
+        return invert_direct(sd, z0, c_src, cfg, c_null=c_null), cfg  # type: ignore[arg-type]
     return fn(sd, z0, c_src, cfg), cfg
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str]) -> int:
         z0 = encode(sd, image)
         c_null, c_src = sd.embed(["", args.prompt]).split(1)
     with timer("invert"):
-        inversion, cfg = invert(args.inversion, sd, z0, c_src, args)
+        inversion, cfg = invert(args.inversion, sd, z0, c_null, c_src, args)
     with timer("denoise"):
         result = denoise(
             sd, None, torch.cat([c_null, c_src]), BatchLayout.cfg(("source",)), None, args.guidance, inversion,

@@ -40,7 +40,9 @@ class InversionConfig:
 def unet_eps(sd: torch.nn.Module, z: Tensor, t: int, context: Tensor) -> Tensor:
     """eps(z, t, context) in float32 with the UNet's own dtype inside; z is repeated to context's batch."""
     dtype = next(sd.unet.parameters()).dtype
-    x = z.expand(context.shape[0], *z.shape[1:]) if z.shape[0] == 1 else z
+    # a real copy per row, not a stride-0 view: convolutions then round exactly as they do on the
+    # editing loop's batch, which keeps DirectInversion's recorded offsets exact there
+    x = z.repeat(context.shape[0], 1, 1, 1) if z.shape[0] == 1 else z
     return sd.unet(x.to(dtype), torch.tensor(t, device=z.device), context.to(dtype)).float()
 
 

@@ -55,8 +55,15 @@ def invert_direct(
     cfg: DirectConfig = DirectConfig(),
     *,
     trajectory: list[Tensor] | None = None,
+    c_null: Tensor | None = None,
 ) -> Inversion:
-    """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass)."""
+    """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass).
+
+    c_null: the uncond embedding the editing loop will use (offset form only; default E("")).
+    Pass the very tensor the loop gets: the offsets cancel the loop's CFG step exactly only if
+    they were recorded with bit-identical inputs, and guidance 7.5 amplifies any rounding
+    difference (an E("") from a batch-3 text-encoder call differs by 2e-7 and ends 1e-3 off).
+    """
     if trajectory is None:
         trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
     if cfg.form == "fused":
@@ -64,7 +71,9 @@ def invert_direct(
         return Inversion(trajectory[-1], trajectory, corrections=Correction("pivot", pivots), unet_rows=cfg.steps, method="direct")
     if cfg.form != "offset":
         raise ValueError(f"DirectInversion form must be 'fused' or 'offset', got {cfg.form!r}")
-    c_null = sd.embed([""]).to(c_src)
+    if c_null is None:
+        c_null = sd.embed([""])
+    c_null = c_null.to(c_src)
     offsets = source_offsets(sd, trajectory, c_null, c_src, cfg)
     return Inversion(
         trajectory[-1], trajectory, corrections=Correction("offset", tuple(offsets)), unet_rows=3 * cfg.steps, method="direct"
