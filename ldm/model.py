@@ -18,20 +18,21 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ldm.config import SD14, TINY, SDConfig
 from ldm.errors import WeightsError
+from ldm.safetensors_header import check_safetensors_header
 from ldm.text import CLIPTextModel
 from ldm.tokenizer import Tokenizer
 from ldm.unet import UNet
 from ldm.vae import AutoencoderKL
 
 COMPONENTS = ("unet", "vae", "text")
-FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header larger than this is not a checkpoint
 
 
 def build_networks(config: SDConfig, device: str | torch.device = "meta") -> dict[str, nn.Module]:
@@ -57,34 +58,25 @@ def random_state_dict(module: nn.Module, generator: torch.Generator, dtype: torc
 
 
 def read_safetensors(path: Path, expected: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Read `path`, checking its key set, shapes and float dtypes against `expected` first."""
+    """Read `path`, checking its header, key set, shapes and float dtypes against `expected` first."""
     if not path.is_file():
         raise WeightsError(f"{path} is missing")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or int.from_bytes(head, "little") > min(MAX_HEADER_BYTES, path.stat().st_size):
-        raise WeightsError(f"{path} is not a safetensors file (bad header length)")
+    header = check_safetensors_header(path)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not match the config: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    for key, info in sorted(header.items()):
+        if tuple(info["shape"]) != tuple(expected[key].shape):
+            raise WeightsError(f"{path}: {key} has shape {tuple(info['shape'])}, the config expects {tuple(expected[key].shape)}")
+        if info["dtype"] not in FLOAT_DTYPES:
+            raise WeightsError(f"{path}: {key} has dtype {info['dtype']}; expected a floating type (F32/F16/BF16)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-            if missing or unexpected:
-                raise WeightsError(
-                    f"{path} does not match the config: {len(missing)} missing keys {missing[:3]}, "
-                    f"{len(unexpected)} unexpected keys {unexpected[:3]}"
-                )
-            for key in sorted(keys):
-                sl = f.get_slice(key)
-                shape = tuple(sl.get_shape())
-                if shape != tuple(expected[key].shape):
-                    raise WeightsError(f"{path}: {key} has shape {shape}, the config expects {tuple(expected[key].shape)}")
-            tensors = {key: f.get_tensor(key) for key in keys}
+        return load_file(str(path))
     except SafetensorError as err:
-        raise WeightsError(f"{path} is corrupt or truncated: {err}") from None
-    for key, t in tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise WeightsError(f"{path}: {key} has dtype {t.dtype}; expected a floating type (fp32/fp16/bf16)")
-    return tensors
+        raise WeightsError(f"{path} is corrupt: {err}") from None
 
 
 class StableDiffusion(nn.Module):

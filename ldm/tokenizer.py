@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldm.errors import PromptError
+from ldm.errors import PromptError, WeightsError
 
 BOS = 49406
 EOS = 49407  # also the padding id: SD-1.4 was trained with EOS padding, not 0 or "!"
@@ -86,7 +86,7 @@ class Tokenizer:
         directory = Path(directory)
         for name in ("vocab.json", "merges.txt"):
             if not (directory / name).is_file():
-                raise PromptError(f"tokenizer file {directory / name} is missing")
+                raise WeightsError(f"tokenizer file {directory / name} is missing")
         hf = CLIPTokenizer(
             vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=MAX_LENGTH
         )

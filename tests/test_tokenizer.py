@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.errors import PromptError
+from ldm.errors import PromptError, WeightsError
 from ldm.tokenizer import Tokenizer, write_bundled_tokenizer
 
 ORACLE_TOKENIZER = Path(__file__).parent / "data" / "tiny-sd" / "tokenizer"
@@ -50,5 +50,5 @@ def test_prompt_over_75_tokens_is_refused_with_its_length(bundled):
 
 
 def test_missing_tokenizer_files_are_an_error(tmp_path):
-    with pytest.raises(PromptError, match="vocab.json"):
+    with pytest.raises(WeightsError, match="vocab.json"):
         Tokenizer.from_dir(tmp_path)

@@ -13,9 +13,7 @@ Nested `state_dict` wrappers are unwrapped and only tensor values are kept.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +23,8 @@ import torch
 from torch import Tensor
 
 from ldm.errors import WeightsError
+from ldm.safetensors_header import check_safetensors_header
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # ComfyUI's bound; real SD headers are ~100 KB
-SAFETENSORS_DTYPES = {
-    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-    "F8_E4M3", "F8_E5M2", "U16", "U32", "U64",
-}  # fmt: skip
 
 
 class _LightningCallbackStandIn:
@@ -83,48 +77,6 @@ def sniff_format(path: Path) -> str:
     if head[:1] == b"\x80":  # pickle protocol >= 2 opcode, as torch's legacy format writes
         return "torch-legacy"
     return "unknown"
-
-
-def check_safetensors_header(path: Path) -> dict[str, Any]:
-    """Validate the header against the file size; return the parsed header (without __metadata__)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise WeightsError(f"{path}: file too short ({size} bytes) to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise WeightsError(
-                f"{path}: safetensors header length {n} does not fit the file size {size} (corrupt or truncated)"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WeightsError(f"{path}: safetensors header is not valid JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
-    end_max = 0
-    for name, info in header.items():
-        ok = (
-            isinstance(info, dict)
-            and info.get("dtype") in SAFETENSORS_DTYPES
-            and isinstance(info.get("shape"), list)
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-        )
-        if not ok:
-            raise WeightsError(f"{path}: safetensors header entry {name!r} is malformed")
-        begin, end = info["data_offsets"]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise WeightsError(f"{path}: safetensors entry {name!r} has bad offsets {info['data_offsets']}")
-        end_max = max(end_max, end)
-    if end_max > data_bytes:
-        raise WeightsError(
-            f"{path}: truncated safetensors file: tensors need {end_max} data bytes, the file holds {data_bytes}"
-        )
-    return header
 
 
 def _load_safetensors(path: Path, keep: Callable[[str], bool]) -> dict[str, Tensor]:
