@@ -36,7 +36,8 @@ PAD = 4
 def grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, pad: int = PAD) -> np.ndarray:
     """Place (H, W, 3) uint8 images in one row on white, each caption wrapped below its image.
 
-    Images of different heights are top-aligned. Returns (H', W', 3) uint8.
+    Images of different heights are top-aligned; captions start under the tallest one.
+    Returns (H', W', 3) uint8.
     """
     if not images:
         raise ValueError("grid needs at least one image")
@@ -47,14 +48,15 @@ def grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *,
     chars = [max(8, w // 7) for w in widths]  # the default font is about 6-7 px per character
     wrapped = [textwrap.wrap(c, n) if c else [] for c, n in zip(captions or [""] * len(images), chars)]
     text_h = max((len(lines) for lines in wrapped), default=0) * CAPTION_LINE
-    height = max(im.shape[0] for im in images) + (text_h + pad if text_h else 0)
+    top = max(im.shape[0] for im in images)
+    height = top + (text_h + pad if text_h else 0)
     width = sum(widths) + pad * (len(images) - 1)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
     for im, lines in zip(images, wrapped):
         canvas.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)), (x, 0))
-        y = im.shape[0] + pad
+        y = top + pad  # captions share one baseline under the tallest image
         for line in lines:
             draw.text((x + 2, y), line, fill="black", font=font)
             y += CAPTION_LINE
