@@ -42,6 +42,7 @@ from inversion.null_text import NullTextConfig, invert_null_text
 from ldm.context import BatchLayout, Controller, NoControl, Row
 from ldm.errors import UsageError
 from ldm.image import decode, encode, load_image, parse_size
+from ldm.tokenizer import Tokenizer
 from samplers.guidance import ClassifierFree, Guidance
 from samplers.loop import denoise
 from samplers.prox import Proximal
@@ -118,19 +119,39 @@ def prepare(spec: EditSpec) -> EditSpec:
                    negative_prompt=strip_brackets(spec.negative_prompt))
 
 
-def build_controller(sd: Any, spec: EditSpec) -> Controller:
-    """The controller of the spec; refuses bad prompts and absent words before any compute."""
+def check_prompts(tokenizer: Tokenizer, spec: EditSpec) -> Controller | None:
+    """Refuse over-long prompts, absent words and unequal replace prompts before any compute;
+    returns the Prompt-to-Prompt controller when the spec asks for one (it needs only the tokenizer)."""
     for prompt in (spec.source, spec.target, spec.negative_prompt):
-        token_ids(sd.tokenizer, prompt)
-    if spec.control.startswith("p2p"):
-        settings = P2PSettings(replace=spec.control == "p2p-replace", cross=spec.cross, self_=spec.self_,
-                               blend=spec.blend, reweight=spec.reweight)
-        return make_p2p(sd.tokenizer, spec.source, spec.target, spec.steps, settings)
+        token_ids(tokenizer, prompt)
+    if not spec.control.startswith("p2p"):
+        return None
+    settings = P2PSettings(replace=spec.control == "p2p-replace", cross=spec.cross, self_=spec.self_,
+                           blend=spec.blend, reweight=spec.reweight)
+    return make_p2p(tokenizer, spec.source, spec.target, spec.steps, settings)
+
+
+def build_controller(sd: Any, spec: EditSpec) -> Controller:
+    """The controller of the spec (PnP reads the model's sites)."""
+    p2p = check_prompts(sd.tokenizer, spec)
+    if p2p is not None:
+        return p2p
     if spec.control == "masactrl":
         return MutualSelfAttention(spec.masactrl_step, spec.masactrl_layer)
     if spec.control == "pnp":
         return PlugAndPlay(sd.unet.attn_sites(), sd.unet.res_sites(), spec.steps, spec.pnp_features, spec.pnp_attention)
     return NoControl()
+
+
+def early_tokenizer(model: str) -> Tokenizer | None:
+    """The model's tokenizer without loading its weights (None if the directory has none: the model
+    loader then says what is wrong with the directory)."""
+    if model == "tiny-random":
+        return Tokenizer.bundled()
+    directory = Path(model) / "tokenizer"
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return Tokenizer.from_dir(directory)
+    return None
 
 
 def invert(sd: Any, z0: Tensor, c_inv: Tensor, spec: EditSpec) -> Inversion:
@@ -279,6 +300,9 @@ def main(argv: list[str]) -> int:
         quantile=args.quantile, direct_form=args.direct_form, progress=not args.no_progress,
     ))
     size = parse_size(args.size)
+    tokenizer = early_tokenizer(args.model)
+    if tokenizer is not None:
+        check_prompts(tokenizer, spec)
     timer = StageTimer()
     with timer("load_image"):
         image = load_image(args.image, size)
