@@ -107,8 +107,9 @@ class PromptToPrompt(ControllerBase):
                 return fused_attention_rows(q, k, v, qk_rows, qk_rows, list(range(q.shape[0])))
             return fused_attention(q, k, v)
 
-        alpha = self.cross_alpha[ctx.step].to(q.device)  # (77,) over target token columns
-        editing = bool(alpha.any())
+        alpha_cpu = self.cross_alpha[ctx.step]  # (77,) over target token columns
+        editing = bool(alpha_cpu.any())  # decided on the CPU copy: no device sync per call
+        alpha = alpha_cpu.to(q.device)
         storing = self.local_blend is not None and self.local_blend.wants(site)
         if not (editing or storing):
             return fused_attention(q, k, v)

@@ -317,12 +317,13 @@ def main(argv: list[str]) -> int:
     latent_hw = tuple(z0.shape[-2:])
     attention = attention_picture(sd, result.recorder, spec.target, latent_hw)  # type: ignore[arg-type]
     touched = sorted(result.controller.touched) if hasattr(result.controller, "touched") else []
+    final = result.latents.cpu()
     metrics = {
         "unet_rows": {**result.unet_rows, "total": sum(result.unet_rows.values())},
         "sites_touched": len(touched),
         "sites": [f"{kind}:{index}:{name}" for kind, index, name in touched],
-        "target_vs_source_latent_rms": float((result.latents[1] - result.latents[0]).pow(2).mean().sqrt()),
-        "source_vs_input_latent_rms": float((result.latents[0] - z0.cpu()).pow(2).mean().sqrt()),
+        "target_vs_source_latent_rms": float((final[1] - final[0]).pow(2).mean().sqrt()),
+        "source_vs_input_latent_rms": float((final[0] - z0.cpu()[0]).pow(2).mean().sqrt()),
     }
     with timer("write"):
         save_png(out / "edited.png", edited)
@@ -334,7 +335,7 @@ def main(argv: list[str]) -> int:
             save_png(out / "attention.png", attention)
         if args.save_latents:
             save_npy(out / "latents" / "trajectory.npy", result.inversion.trajectory)  # (steps+1, 1, 4, h, w)
-            save_npy(out / "latents" / "final.npy", result.latents)  # (2, 4, h, w): source, target
+            save_npy(out / "latents" / "final.npy", final)  # (2, 4, h, w): source, target
     params = {**vars(args), "size": list(size), "spec": asdict(spec)}
     record = run_record("edit", params, timer.as_dict(), metrics,
                         model={"spec": args.model, "dtype": str(sd.dtype), "device": str(sd.device)})

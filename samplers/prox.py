@@ -27,7 +27,7 @@ class Proximal:
 
     def combine(self, uncond: Tensor, cond: Tensor, ctx: AttnContext | None = None) -> Tensor:
         d = cond - uncond
-        tau = d.abs().quantile(self.quantile) if self.quantile > 0 else torch.tensor(-self.quantile, dtype=d.dtype)
+        tau = d.abs().quantile(self.quantile) if self.quantile > 0 else -self.quantile
         d = d - d.clamp(-tau, tau)
         if self.mode == "l1":
             d = torch.where(d > 0, d - tau, d)

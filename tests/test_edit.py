@@ -63,6 +63,28 @@ def test_p2p_edit_changes_the_target(sd, image_path):
     assert float((edits["p2p"][1] - edits["none"][1]).norm() / edits["none"][1].norm()) > 1e-3
 
 
+IDLE = {"masactrl": {"masactrl_step": 6}, "pnp": {"pnp_features": 0.0, "pnp_attention": 0.0},
+        "p2p-replace": {"cross": 0.0, "self_": 0.0}, "p2p": {"prox": None}}
+SITES = {"masactrl": 1, "pnp": 5 + 1, "p2p-replace": 11 + 11, "p2p": 11 + 11}  # tiny: 11 blocks, 6 up
+
+
+@pytest.mark.parametrize("control,inversion,extra", [
+    ("masactrl", "ddim", {}), ("masactrl", "direct", {}), ("pnp", "direct", {}), ("pnp", "ddim", {}),
+    ("p2p-replace", "direct", {}), ("p2p", "negative-prompt", {"prox": "l0"}),
+])
+def test_each_method_changes_the_target_and_reports_its_sites(sd, image_path, control, inversion, extra):
+    """Against the same run with the method's edit switched off (same rows, same inversion)."""
+    z0 = encode(sd, load_image(image_path, 128))
+    spec = EditSpec(SRC, TGT, inversion=inversion, control=control, steps=6, **extra)
+    controller = build_controller(sd, spec)
+    edited = run_edit(sd, z0, spec, controller).latents
+    idle_spec = EditSpec(SRC, TGT, inversion=inversion, control=control, steps=6, **{**extra, **IDLE[control]})
+    idle = run_edit(sd, z0, idle_spec, build_controller(sd, idle_spec)).latents
+    assert float((edited[1] - idle[1]).norm() / idle[1].norm()) > 1e-4
+    assert torch.equal(edited[0], idle[0])  # the source branch is never edited
+    assert controller.sites_touched == SITES[control]
+
+
 def test_edit_command_writes_every_output(image_path, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "cli.py", "edit", "--model", "tiny-random", "--image", str(image_path), "--size", "128",
