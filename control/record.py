@@ -50,7 +50,7 @@ class CrossMapRecorder:
         if self.sum is None:
             return None
         h, w = latent_hw[0] >> self.level, latent_hw[1] >> self.level
-        return (self.sum / self.count).T.reshape(-1, h, w)
+        return (self.sum / self.count).T.reshape(-1, h, w)  # (N, 77) -> (77, h, w), N = h * w
 
 
 class TrajectoryRecorder(ControllerBase):
