@@ -2,9 +2,10 @@
 own structure: probabilities materialised (B*heads, N, M), the batch split with chunk / halves, layers
 and steps found by counting attention calls (P2P, MasaCtrl) or by timestep membership and module
 names (PnP), LocalBlend from the "down_cross[2:4] + up_cross[:3]" store lists. Both run a few steps
-of the same loop on a small SD-shaped UNet (attention at three levels, like SD-1.4) at latent 32,
-i.e. 256 px; the references' 512-px token thresholds are scaled with the latent (32*32 -> 8*8,
-16x16 maps -> 4x4), which is the rule our level-based selection states.
+of the same loop on a small SD-shaped UNet (attention at three levels, like SD-1.4; q/k weights
+doubled so that attention is peaked and borrowed maps matter) at latent 16, i.e. 128 px; the
+references' 512-px token thresholds are scaled with the latent (32*32 -> 8*8, 16x16 maps -> 4x4),
+which is the rule our level-based selection states.
 """
 
 from __future__ import annotations
