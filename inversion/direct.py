@@ -7,8 +7,9 @@ trajectory after every step, leaving the target branch alone. Two equivalent for
   (§6.3). No extra pass: 50 UNet rows for the inversion.
 - "offset": the reference's form. A separate 50-step pass records D[i] = L[-2-i] - z_rec, where
   z_rec is one CFG step (scale cfg.guidance, uncond E("")) from the pivot L[-1-i]; the loop adds
-  D[i] to the source latent. The reference runs this pass on a batch of 4 whose target half it
-  never uses (§6.1); we run the source pair [E(""), E(src)] only.
+  D[i] to the source latent. The reference runs this pass on the edit's batch of 4 (§6.1), whose
+  target half it never uses; we do the same when given the target embedding, else run the source
+  pair [E(""), E(src)] only (enough for a reconstruction).
 """
 
 from __future__ import annotations
@@ -32,15 +33,29 @@ class DirectConfig(InversionConfig):
 
 @torch.no_grad()
 def source_offsets(
-    sd: torch.nn.Module, trajectory: list[Tensor], c_null: Tensor, c_src: Tensor, cfg: InversionConfig
+    sd: torch.nn.Module,
+    trajectory: list[Tensor],
+    c_null: Tensor,
+    c_src: Tensor,
+    cfg: InversionConfig,
+    c_tgt: Tensor | None = None,
 ) -> list[Tensor]:
-    """D[i] = L[-2-i] - ddim_step(L[-1-i], CFG(eps(L[-1-i], t_i, [E(""), E(src)]))), i = 0..steps-1."""
+    """D[i] = L[-2-i] - ddim_step(L[-1-i], CFG(eps(L[-1-i], t_i, [E(""), E(src)]))), i = 0..steps-1.
+
+    With c_tgt the UNet batch is the edit's own [E(""), E(""), E(src), E(tgt)] (the reference's
+    choice): CPU and GPU kernels may round a row differently at another batch position or size,
+    and the add-offset form carries any such difference forward, amplified by the guidance.
+    """
     schedule = cfg.schedule
-    context = torch.cat([c_null, c_src])  # (2, 77, C): uncond row first, as the reference batches
+    if c_tgt is None:
+        context, rows = torch.cat([c_null, c_src]), (0, 1)  # (2, 77, C): uncond row first
+    else:
+        context, rows = torch.cat([c_null, c_null, c_src, c_tgt]), (0, 2)  # (4, 77, C)
     offsets = []
     z = trajectory[-1]
     for i, t in enumerate(tqdm(schedule.timesteps, desc="DirectInversion offsets", disable=not cfg.progress, leave=False)):
-        e_u, e_c = unet_eps(sd, z, t, context).chunk(2)
+        eps = unet_eps(sd, z, t, context)
+        e_u, e_c = eps[rows[0] : rows[0] + 1], eps[rows[1] : rows[1] + 1]
         z_rec = ddim_step(z, e_u + cfg.guidance * (e_c - e_u), t, schedule)
         d = trajectory[-2 - i] - z_rec
         offsets.append(d)
@@ -56,6 +71,7 @@ def invert_direct(
     *,
     trajectory: list[Tensor] | None = None,
     c_null: Tensor | None = None,
+    c_tgt: Tensor | None = None,
 ) -> Inversion:
     """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass).
 
@@ -63,6 +79,8 @@ def invert_direct(
     Pass the very tensor the loop gets: the offsets cancel the loop's CFG step exactly only if
     they were recorded with bit-identical inputs, and guidance 7.5 amplifies any rounding
     difference (an E("") from a batch-3 text-encoder call differs by 2e-7 and ends 1e-3 off).
+    c_tgt: offset form only: record in the edit's batch [E(""), E(""), E(src), E(tgt)] (layout
+    BatchLayout.cfg()), as the reference does, so the source rows round exactly as in the edit.
     """
     if trajectory is None:
         trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
@@ -74,7 +92,6 @@ def invert_direct(
     if c_null is None:
         c_null = sd.embed([""])
     c_null = c_null.to(c_src)
-    offsets = source_offsets(sd, trajectory, c_null, c_src, cfg)
-    return Inversion(
-        trajectory[-1], trajectory, corrections=Correction("offset", tuple(offsets)), unet_rows=3 * cfg.steps, method="direct"
-    )
+    offsets = source_offsets(sd, trajectory, c_null, c_src, cfg, c_tgt)
+    rows = cfg.steps * (1 + (2 if c_tgt is None else 4))
+    return Inversion(trajectory[-1], trajectory, corrections=Correction("offset", tuple(offsets)), unet_rows=rows, method="direct")
