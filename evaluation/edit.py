@@ -12,7 +12,7 @@ Methods, as the reference runs them:
   of that timestep (direct) or of a DDIM reconstruction (ddim), conditioned on ""; the target's
   uncond row uses the negative prompt (part A §6.5, part B §5).
 Writes OUT/edited.png, OUT/grid.png (source | reconstruction | edit, prompts under them),
-OUT/attention.png (the target's cross-attention map per token), with --save-latents
+OUT/attention.png (the target's cross-attention map per word), with --save-latents
 OUT/latents/{trajectory,final}.npy, and last OUT/run.json; every file atomically, nothing at all
 when the input is refused.
 """
@@ -33,7 +33,7 @@ from control.masactrl import MutualSelfAttention
 from control.p2p import P2PSettings, make_p2p
 from control.pnp import NEGATIVE_PROMPT, PlugAndPlay
 from control.record import CrossMapRecorder, TrajectoryRecorder
-from control.words import strip_brackets, token_ids
+from control.words import strip_brackets, token_ids, word_positions
 from evaluation.outputs import StageTimer, grid, run_record, save_npy, save_png, write_run_json
 from inversion.ddim import InversionConfig, invert_ddim
 from inversion.direct import DirectConfig, invert_direct
@@ -210,19 +210,21 @@ def run_edit(sd: Any, z0: Tensor, spec: EditSpec, controller: Controller, invers
 
 def attention_picture(sd: Any, recorder: CrossMapRecorder, prompt: str, latent_hw: tuple[int, int],
                       tile: int = 128) -> np.ndarray | None:
-    """One tile per token of the prompt (BOS excluded): its mean cross-attention map, token below."""
+    """One tile per word of the prompt: the mean cross-attention map of its tokens, the word below."""
     maps = recorder.mean_maps(latent_hw)
     if maps is None:
         return None
-    ids = token_ids(sd.tokenizer, prompt)[1:-1]
     tiles, captions = [], []
-    for pos, tid in enumerate(ids, start=1):
-        m = maps[pos][None, None]
+    for k, word in enumerate(prompt.split(" ")):
+        positions = word_positions(sd.tokenizer, prompt, k)
+        if not positions:
+            continue
+        m = maps[positions].mean(0)[None, None]  # (1, 1, h, w)
         m = F.interpolate(m, size=(tile, tile * latent_hw[1] // latent_hw[0]), mode="nearest")[0, 0]
         m = (m - m.min()) / (m.max() - m.min() + 1e-12)
         tiles.append(np.repeat((m.cpu().numpy() * 255).astype(np.uint8)[..., None], 3, axis=2))
-        captions.append(sd.tokenizer.decode_token(tid))
-    return grid(tiles, captions)
+        captions.append(word)
+    return grid(tiles, captions) if tiles else None
 
 
 def parse_reweight(items: list[str] | None) -> dict[str, float] | None:
