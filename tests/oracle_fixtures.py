@@ -16,7 +16,8 @@ tests/conftest.py star-imports this module, so any test can ask for
   oracle_embeddings    {"null": E(""), "source": E(SOURCE), "target": E(TARGET)}, each (1, 77, 32)
   oracle_trajectory    the reference's DDIM inversion L[0..50], each (1, 4, 64, 64)
   oracle_inversions    lazy cache, 50 steps, guidance 7.5, all on oracle_trajectory:
-                       ["ddim"], ["direct"] (fused), ["direct-offset"], ["negative-prompt"],
+                       ["ddim"], ["direct"] (fused), ["direct-offset"] (the reference's form,
+                       offsets recorded in the edit batch [E(""), E(""), E(src), E(tgt)]), ["negative-prompt"],
                        ["null-text-reference"] (the reference's own per-step null embeddings,
                        free), ["null-text"] (our full optimisation: minutes, only when asked for)
 and call oracle_array("ddim+p2p/blend-none/reconstruct_latent.npy") / rel_rms(ours, ref).
@@ -107,7 +108,8 @@ class LazyInversions:
             "ddim": lambda: invert_ddim(sd, z0, src, InversionConfig(STEPS, GUIDANCE), trajectory=t),
             "direct": lambda: invert_direct(sd, z0, src, DirectConfig(STEPS, GUIDANCE), trajectory=t),
             "direct-offset": lambda: invert_direct(
-                sd, z0, src, DirectConfig(STEPS, GUIDANCE, form="offset"), trajectory=t, c_null=self.emb["null"]
+                sd, z0, src, DirectConfig(STEPS, GUIDANCE, form="offset"), trajectory=t,
+                c_null=self.emb["null"], c_tgt=self.emb["target"],
             ),
             "negative-prompt": lambda: invert_negative_prompt(sd, z0, src, trajectory=t),
             "null-text": lambda: invert_null_text(sd, z0, src, trajectory=t),
