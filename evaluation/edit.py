@@ -64,6 +64,7 @@ class EditSpec:
     steps: int = 50
     guidance: float = 7.5
     cross: float = 0.4
+    cross_words: dict[str, tuple[float, float]] | None = None  # per-target-word cross windows
     self_: float = 0.6
     blend: tuple[str, str] | None = None
     reweight: dict[str, float] | None = None
@@ -126,7 +127,8 @@ def check_prompts(tokenizer: Tokenizer, spec: EditSpec) -> Controller | None:
         token_ids(tokenizer, prompt)
     if not spec.control.startswith("p2p"):
         return None
-    settings = P2PSettings(replace=spec.control == "p2p-replace", cross=spec.cross, self_=spec.self_,
+    cross = {"default_": spec.cross, **(spec.cross_words or {})} if spec.cross_words else spec.cross
+    settings = P2PSettings(replace=spec.control == "p2p-replace", cross=cross, self_=spec.self_,
                            blend=spec.blend, reweight=spec.reweight)
     return make_p2p(tokenizer, spec.source, spec.target, spec.steps, settings)
 
@@ -242,6 +244,23 @@ def parse_reweight(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def parse_cross_words(items: list[str] | None) -> dict[str, tuple[float, float]] | None:
+    """WORD=END or WORD=START:END (fractions of the run) -> {word: (start, end)}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        word, sep, value = item.rpartition("=")
+        try:
+            bounds = [float(v) for v in value.split(":")]
+        except ValueError:
+            bounds = []
+        if not sep or not word or len(bounds) not in (1, 2):
+            raise UsageError(f"--cross-word {item!r}: expected WORD=END or WORD=START:END, e.g. cake=0.2:0.6")
+        out[word] = (0.0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1])
+    return out
+
+
 def parse_blend(text: str | None) -> tuple[str, str] | None:
     if text is None or not text.strip():  # PIE-Bench's empty blended_word: no blend
         return None
@@ -262,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", help='LocalBlend words "SOURCE_WORD TARGET_WORD"; reweights the target word x2')
     p.add_argument("--reweight", action="append", metavar="WORD=VALUE", help="scale a target word's attention")
     p.add_argument("--cross", type=float, default=0.4, help="P2P cross-attention replacement fraction")
+    p.add_argument("--cross-word", action="append", metavar="WORD=START:END",
+                   help="P2P cross-attention window of one target word (fractions), overriding --cross")
     p.add_argument("--self", dest="self_", type=float, default=0.6, help="P2P self-attention replacement fraction")
     p.add_argument("--masactrl-step", type=int, default=4)
     p.add_argument("--masactrl-layer", type=int, default=10)
@@ -295,7 +316,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"unknown --dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     spec = prepare(EditSpec(
         source=args.source, target=args.target, inversion=args.inversion, control=args.control, steps=args.steps,
-        guidance=args.guidance, cross=args.cross, self_=args.self_, blend=parse_blend(args.blend),
+        guidance=args.guidance, cross=args.cross, cross_words=parse_cross_words(args.cross_word), self_=args.self_,
+        blend=parse_blend(args.blend),
         reweight=parse_reweight(args.reweight), masactrl_step=args.masactrl_step, masactrl_layer=args.masactrl_layer,
         masactrl_source_prompt=args.masactrl_source_prompt, pnp_features=args.pnp_features,
         pnp_attention=args.pnp_attention, negative_prompt=args.negative_prompt, prox=args.prox,

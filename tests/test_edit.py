@@ -109,6 +109,7 @@ def test_edit_command_writes_every_output(image_path, tmp_path):
 
 BAD = {
     "blend word absent": (["--blend", "pie cake"], "'pie'"),
+    "cross-replace word absent": (["--cross-word", "pie=0.2:0.6"], "'pie'"),
     "replace word counts differ": (["--control", "p2p-replace", "--target", "a big square cake on a plate"],
                                    "same number of words"),
     "prompt over 75 tokens": (["--target", " ".join(["cake"] * 76)], "76 tokens"),
