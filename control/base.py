@@ -67,13 +67,6 @@ def replace_rows(out: Tensor, new: dict[int, Tensor]) -> Tensor:
     return torch.stack([new[i].to(out.dtype) if i in new else out[i] for i in range(out.shape[0])])
 
 
-def latent_row(layout: BatchLayout, role: str) -> int:
-    """Row of a role in the latents the loop hands to end_step: one row per stepped role, in role
-    order (a PnP reference row is fed from the inversion and never stepped, so it has none)."""
-    stepped = [r for r in layout.roles if r != "reference"]
-    return stepped.index(role)  # type: ignore[arg-type]
-
-
 class ControllerBase:
     """Plain attention and untouched features, plus the record of which sites a controller edited.
 

@@ -22,7 +22,7 @@ from typing import Mapping, Protocol
 import torch
 from torch import Tensor
 
-from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, latent_row, replace_rows
+from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, replace_rows
 from control.local_blend import LocalBlend
 from control.words import (
     Bounds,
@@ -129,7 +129,7 @@ class PromptToPrompt(ControllerBase):
         if self.local_blend is None:
             return latents
         return self.local_blend.blend(
-            ctx.step, latents, latent_row(ctx.layout, "source"), latent_row(ctx.layout, "target")
+            ctx.step, latents, ctx.layout.latent_index("source"), ctx.layout.latent_index("target")
         )
 
     def reset(self) -> None:

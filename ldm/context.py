@@ -102,6 +102,17 @@ class BatchLayout:
                 seen.append(row.role)
         return tuple(seen)
 
+    @property
+    def stepped_roles(self) -> tuple[Role, ...]:
+        """Roles the sampler steps, in layout order: every role but "reference" (Plug-and-Play's
+        source row, fed from the inversion trajectory). The loop carries one latent per stepped
+        role, in this order, and hands that tensor to `Controller.end_step`."""
+        return tuple(r for r in self.roles if r != "reference")
+
+    def latent_index(self, role: Role) -> int:
+        """Row of `role` in the stepped latents (R, 4, h, w)."""
+        return self.stepped_roles.index(role)
+
     def __str__(self) -> str:
         return "[" + ", ".join(f"{r.branch}/{r.role}" for r in self.rows) + "]"
 

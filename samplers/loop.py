@@ -14,7 +14,7 @@ Per step i (timestep t = schedule.timesteps[i]):
 Null-text / negative-prompt inversion: the uncond rows (of every role by default, as the
 reference does, part B §1.2) take inversion.null_embeddings[i] instead of their own embedding.
 
-Latents of the stepped roles travel as one tensor (R, 4, h, w), rows in `stepped_roles(layout)`
+Latents of the stepped roles travel as one tensor (R, 4, h, w), rows in `layout.stepped_roles`
 order; that is also what controller.end_step receives and what `denoise` returns.
 """
 
@@ -34,11 +34,6 @@ from samplers.schedule import Schedule
 from samplers.trajectory import Inversion
 
 Embeddings = Tensor | Mapping[Row, Tensor]
-
-
-def stepped_roles(layout: BatchLayout) -> tuple[Role, ...]:
-    """Roles whose latents the loop steps, in layout order; "reference" rows are only fed."""
-    return tuple(r for r in layout.roles if r != "reference")
 
 
 def row_embeddings(layout: BatchLayout, embeddings: Embeddings) -> Tensor:
@@ -104,7 +99,7 @@ def denoise(
         schedule = Schedule(steps=n)
     elif steps is not None and steps != schedule.steps:
         raise ValueError(f"steps={steps} disagrees with the schedule's {schedule.steps}")
-    roles = stepped_roles(layout)
+    roles = layout.stepped_roles
     if not roles:
         raise ValueError(f"layout {layout} has no role to step")
     if inversion is not None and inversion.steps != schedule.steps:

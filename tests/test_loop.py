@@ -12,7 +12,7 @@ from ldm.config import TINY, SDConfig, UNetConfig
 from ldm.context import AttnContext, BatchLayout, NoControl, Row
 from ldm.model import StableDiffusion
 from samplers.guidance import ClassifierFree
-from samplers.loop import denoise, stepped_roles
+from samplers.loop import denoise
 from samplers.trajectory import Correction, Inversion
 
 # attention at both levels, 8x8 latents: a UNet call costs milliseconds
@@ -126,7 +126,7 @@ def test_reference_row_is_fed_the_trajectory_at_the_same_timestep_and_never_step
     traj = [z(20 + k) for k in range(STEPS + 1)]
     inv = Inversion(z_T=traj[-1], trajectory=traj)
     layout = BatchLayout((Row("reference", "cond"), Row("target", "uncond"), Row("target", "cond")))
-    assert stepped_roles(layout) == ("target",)
+    assert layout.stepped_roles == ("target",)
     spy = SpySD(sd)
     c = torch.cat([emb["null"], emb["null"], emb["tgt"]])
     out = denoise(spy, None, c, layout, None, 7.5, inv, progress=False)
