@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels.attention import fused_attention
-from ldm.context import AttnContext, AttnSite, BatchLayout, Place, ResSite
+from ldm.context import AttnContext, AttnSite, Place, ResSite
 
 
 @dataclass(frozen=True)

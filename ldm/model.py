@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ldm.config import SD14, TINY, SDConfig
+from ldm.config import TINY, SDConfig
 from ldm.errors import WeightsError
 from ldm.safetensors_header import check_safetensors_header
 from ldm.text import CLIPTextModel

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from control.base import StepWindow
 from control.masactrl import MutualSelfAttention
-from control.p2p import P2PSettings, PromptToPrompt, make_p2p
+from control.p2p import P2PSettings, make_p2p
 from control.pnp import PlugAndPlay
 from control.words import cross_replace_schedule, equalizer, refinement_mapper, replacement_mapper, word_positions
 from ldm.config import TINY, SDConfig, UNetConfig
