@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.attention import fused_attention
-from ldm.context import AttnContext, AttnSite, Place, ResSite
+from ldm.context import AttnSite, NoControl, Place, ResSite
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,9 @@ def replace_rows(out: Tensor, new: dict[int, Tensor]) -> Tensor:
     return torch.stack([new[i].to(out.dtype) if i in new else out[i] for i in range(out.shape[0])])
 
 
-class ControllerBase:
-    """Plain attention and untouched features, plus the record of which sites a controller edited.
+class ControllerBase(NoControl):
+    """Plain attention and untouched features (NoControl), plus the record of which sites a
+    controller edited.
 
     `touched` is a report for users and tests (the references' commonest silent failure is an edit
     that changes nothing); decisions never depend on it.
@@ -84,18 +84,6 @@ class ControllerBase:
     @property
     def sites_touched(self) -> int:
         return len(self.touched)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor:
-        return fused_attention(q, k, v)
-
-    def features(self, h: Tensor, site: ResSite, ctx: AttnContext) -> Tensor:
-        return h
-
-    def begin_step(self, ctx: AttnContext) -> None:
-        pass
-
-    def end_step(self, ctx: AttnContext, latents: Tensor) -> Tensor:
-        return latents
 
     def reset(self) -> None:
         self.touched.clear()

@@ -34,6 +34,7 @@ from control.p2p import P2PSettings, make_p2p
 from control.pnp import NEGATIVE_PROMPT, PlugAndPlay
 from control.record import CrossMapRecorder, TrajectoryRecorder
 from control.words import strip_brackets, token_ids, word_positions
+from evaluation.options import add_run_options, check_run_options
 from evaluation.outputs import StageTimer, grid, run_record, save_npy, save_png, write_run_json
 from inversion.ddim import InversionConfig, invert_ddim
 from inversion.direct import DirectConfig, invert_direct
@@ -41,7 +42,7 @@ from inversion.negative_prompt import NegativePromptConfig, invert_negative_prom
 from inversion.null_text import NullTextConfig, invert_null_text
 from ldm.context import BatchLayout, Controller, NoControl, Row
 from ldm.errors import UsageError
-from ldm.image import decode, encode, load_image, parse_size
+from ldm.image import decode, encode, load_image
 from ldm.tokenizer import Tokenizer
 from samplers.guidance import ClassifierFree, Guidance
 from samplers.loop import denoise
@@ -50,7 +51,6 @@ from samplers.trajectory import Inversion
 
 INVERSIONS = ("ddim", "direct", "negative-prompt", "null-text")
 CONTROLS = ("p2p", "p2p-replace", "masactrl", "pnp", "none")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -294,14 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prox", default=None, help="proximal guidance (ProxEdit): l0 or l1")
     p.add_argument("--quantile", type=float, default=0.75, help="proximal guidance threshold quantile")
     p.add_argument("--direct-form", default="fused", help="DirectInversion: fused (in the loop) or offset (reference)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--size", default="512", help="N or WIDTHxHEIGHT, multiples of 64")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--save-latents", action="store_true", help="write the inversion trajectory and final latents (.npy)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p)
     return p
 
 
@@ -309,11 +302,8 @@ def main(argv: list[str]) -> int:
     from ldm.model import open_model
 
     args = parser().parse_args(argv)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    run = check_run_options(args)
+    out, size = run.output, run.size
     spec = prepare(EditSpec(
         source=args.source, target=args.target, inversion=args.inversion, control=args.control, steps=args.steps,
         guidance=args.guidance, cross=args.cross, cross_words=parse_cross_words(args.cross_word), self_=args.self_,
@@ -323,7 +313,6 @@ def main(argv: list[str]) -> int:
         pnp_attention=args.pnp_attention, negative_prompt=args.negative_prompt, prox=args.prox,
         quantile=args.quantile, direct_form=args.direct_form, progress=not args.no_progress,
     ))
-    size = parse_size(args.size)
     tokenizer = early_tokenizer(args.model)
     if tokenizer is not None:
         check_prompts(tokenizer, spec)
@@ -331,7 +320,7 @@ def main(argv: list[str]) -> int:
     with timer("load_image"):
         image = load_image(args.image, size)
     with timer("load_model"):
-        sd = open_model(args.model, DTYPES.get(args.dtype) if args.dtype else None, args.device)
+        sd = open_model(args.model, run.dtype, args.device)
     controller = build_controller(sd, spec)  # bad words / prompts are refused here, before any compute
     with timer("encode"):
         z0 = encode(sd, image)

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from evaluation.options import add_run_options, check_run_options
 from evaluation.outputs import StageTimer, grid, image_mse_psnr, run_record, save_npy, save_png, write_run_json
 from inversion.ddim import InversionConfig, invert_ddim
 from inversion.direct import DirectConfig, invert_direct
 from inversion.negative_prompt import NegativePromptConfig, invert_negative_prompt
 from inversion.null_text import NullTextConfig, invert_null_text
 from ldm.context import BatchLayout
-from ldm.errors import UsageError
-from ldm.image import decode, encode, load_image, parse_size
+from ldm.image import decode, encode, load_image
 from samplers.loop import denoise
 from samplers.trajectory import Inversion
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ("ddim", "direct", "negative-prompt", "null-text")
 
 
@@ -56,14 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inversion", choices=METHODS, default="direct")
     p.add_argument("--direct-form", choices=("fused", "offset"), default="fused",
                    help="DirectInversion: correct in the loop (fused) or the reference's separate offset pass")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--size", default="512", help="N or WIDTHxHEIGHT, multiples of 64 (default 512)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the model's stored dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--save-latents", action="store_true", help="also write z0, the inversion trajectory and the final latent (.npy)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p)
     return p
 
 
@@ -71,17 +62,13 @@ def main(argv: list[str]) -> int:
     from ldm.model import open_model
 
     args = parser().parse_args(argv)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    if args.steps < 1 or args.steps > 1000:
-        raise UsageError(f"--steps {args.steps}: expected 1..1000")
-    size = parse_size(args.size)
+    run = check_run_options(args)
+    out, size = run.output, run.size
     timer = StageTimer()
     with timer("load_image"):
         image = load_image(args.image, size)  # before the model: a bad image fails fast, writes nothing
     with timer("load_model"):
-        sd = open_model(args.model, DTYPES.get(args.dtype) if args.dtype else None, args.device)
+        sd = open_model(args.model, run.dtype, args.device)
     with timer("encode"):
         z0 = encode(sd, image)
         c_null, c_src = sd.embed(["", args.prompt]).split(1)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kernels.attention import fused_attention
 from ldm.config import VAEConfig
+from ldm.unet import Upsample  # the same nearest-x2 + 3x3 conv as the UNet's
 
 
 class ResnetBlock(nn.Module):
@@ -61,16 +62,6 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Right/bottom zero padding only: the original's asymmetric pad, unlike the UNet's.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        up = x.float() if x.dtype == torch.bfloat16 else x
-        return self.conv(F.interpolate(up, scale_factor=2.0, mode="nearest").type(x.dtype))
 
 
 class Level(nn.Module):
