@@ -11,10 +11,13 @@ Layout everywhere: (B, heads, N, head_dim).
 
 Which code runs (the `backend` keyword; no global switch):
 - "auto" (default): the Triton FlashAttention-2 kernel (kernels/triton_attention.py) for CUDA
-  tensors in fp16/bf16/fp32 with head_dim <= 256 and no causal mask, when no gradient is needed;
-  `torch.nn.functional.scaled_dot_product_attention` (SDPA) for everything else: CPU tensors,
-  CLIP's causal attention (causal=True is never sent to the kernel), the VAE's single-head
-  d = 512 attention (wider than the kernel's 256 tile), float64, and calls that need gradients.
+  tensors in fp16/bf16/fp32 with head_dim <= 256 and no causal mask, when no gradient is needed
+  and the static check found a block config without register spills for that tile and dtype
+  (it did for every SD head dim in fp16, bf16 and fp32; fp32 multiplies on the FMA units and only
+  small tiles fit, down to 32x16 at d = 160); `torch.nn.functional.scaled_dot_product_attention`
+  (SDPA) for everything else: CPU tensors, CLIP's causal attention (causal=True is never sent to
+  the kernel), the VAE's single-head d = 512 attention (wider than the kernel's 256 tile),
+  float64, and calls that need gradients.
 - "sdpa": always SDPA. `fused_attention_rows` gathers the rows first with index_select (a copy of
   the selected rows only).
 - "triton": always the Triton kernel; raises ValueError naming the reason if it cannot run these

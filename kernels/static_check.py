@@ -6,7 +6,7 @@ object knows its shared memory (`metadata.shared`) but registers and spills are 
 the driver at load time, so they are read from `ptxas -v` on the PTX, with the ptxas that Triton
 itself uses for that architecture (shipped in the wheel). A config passes when ptxas reports no
 spill stores or loads and its shared memory fits the architecture's per-block limit; only passing
-configs belong in triton_attention.CONFIGS (PERFORMANCE.md §4; a spilling attention kernel loses
+configs belong in triton_attention.STATIC_OK (PERFORMANCE.md §4; a spilling attention kernel loses
 most of its speed).
 
 Numbers are for the Triton version installed where this runs (3.9 in CI); the GPU machines run
@@ -169,6 +169,17 @@ def sweep(
 
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         return pool.map(_compile_job, work, chunksize=1)
+
+
+REGISTER_ESTIMATE_LIMIT = 210
+
+
+def estimate_registers(config: BlockConfig, tile_d: int, elem_bytes: int) -> int:
+    """A rough per-thread register count: fp32 accumulator + scores + Q tile, spread over the
+    threads, plus fixed overhead. It undercounts by ~60 (d=40, M128-N64-w8: 136 vs ptxas 196),
+    so configs above REGISTER_ESTIMATE_LIMIT are not worth a 20-60 s ptxas run: they spill."""
+    m, n, threads = config.block_m, config.block_n, 32 * config.num_warps
+    return int((m * tile_d + 1.5 * m * n + m * tile_d * elem_bytes / 4) / threads + 40)
 
 
 def passing_configs(results: list[StaticResult]) -> dict[tuple[int, str], list[str]]:

@@ -1,0 +1,45 @@
+"""The attention kernel compiles for Hopper (sm_90a) without a GPU, without spills, within shared memory.
+
+`triton.compile` with an explicit GPUTarget needs no driver; registers and spills come from
+`ptxas -v` on the PTX (kernels/static_check.py). CI compiles the first autotune config of each SD
+head dim in fp16 (~15-25 s each on 2 cores); `invedit bench kernel --static` sweeps every
+candidate for sm_80 and sm_90a and writes benchmarks/results/kernel-static.json, whose passing
+lists must be exactly the kernel's autotune lists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.static_check import SHARED_LIMIT, compile_config
+from kernels.triton_attention import STATIC_OK, autotune_configs
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kernel-static.json"
+
+
+@pytest.mark.parametrize("head_dim", [40, 80, 160])
+def test_first_autotune_config_compiles_for_sm90a_without_spills(head_dim):
+    config = autotune_configs(head_dim, torch.float16)[0]
+    result = compile_config(head_dim, torch.float16, config, 90)
+    assert result.registers <= 255
+    assert (result.spill_stores, result.spill_loads) == (0, 0), result
+    assert 0 < result.shared_bytes <= SHARED_LIMIT[90], result
+
+
+def test_autotune_lists_are_the_configs_the_recorded_sweep_passed():
+    recorded = json.loads(RESULTS.read_text())["passing"]
+    for (head_dim, dtype), names in STATIC_OK.items():
+        assert list(names) == recorded[f"d{head_dim}-{dtype}"], (head_dim, dtype)
+    for head_dim in (40, 80, 160):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            tuned = autotune_configs(head_dim, dtype)
+            key = "fp32" if dtype == torch.float32 else "fp16"
+            assert len(tuned) == min(6, len(STATIC_OK[(head_dim, key)]))
+            assert {str(c) for c in tuned} <= set(STATIC_OK[(head_dim, key)])
+            if dtype != torch.float32:  # every SD head dim has a spill-free 16-bit config
+                assert tuned, (head_dim, dtype)
+
