@@ -103,9 +103,13 @@ def test_null_text_first_steps_optimise_to_the_reference_embeddings(oracle_sd, o
 
 
 def test_null_text_reconstruction_with_the_reference_embeddings(oracle_sd, oracle_inversions, oracle_embeddings) -> None:
-    """The loop puts U[i] on the uncond row at step i exactly as the reference's reconstruction does."""
+    """The loop puts U[i] on the uncond row at step i exactly as the reference's reconstruction does.
+
+    The oracle README allows "a few 1e-2" for null-text: the reference's own edit and reconstruction
+    source rows differ by 2.3e-2. Measured 2.0e-2 with one CPU thread, 3.1e-2 with two (the
+    reduction order changes the rounding, which this loop amplifies)."""
     ours = reconstruct(oracle_sd, oracle_inversions["null-text-reference"], oracle_embeddings)
-    assert rel_rms(ours, oracle_array(RECON.format("null-text-inversion+p2p"))) < 3e-2  # measured 2.0e-2
+    assert rel_rms(ours, oracle_array(RECON.format("null-text-inversion+p2p"))) < 5e-2
 
 
 @pytest.mark.skipif(not os.environ.get("INVEDIT_FULL_NULL_TEXT"), reason="full 50-step null-text run takes ~6 min on 1 CPU core")
