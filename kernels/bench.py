@@ -112,14 +112,15 @@ def _sdpa_backends() -> dict[str, object]:
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-def _providers(shape: Shape) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
-    """name -> f(q, k, v) computing the shape's attention (gathered if the shape says so)."""
+def _providers(shape: Shape, index: list[Tensor]) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """name -> f(q, k, v) computing the shape's attention (gathered if the shape says so);
+    index: the GATHER rows as device tensors, made once so no provider times a host copy."""
     from torch.nn.attention import sdpa_kernel
 
     def sdpa_with(backend):
         def run(q, k, v):
             if shape.gathered:  # the copy a gather-less kernel needs is part of its cost
-                q, k, v = (t.index_select(0, torch.tensor(r, device=t.device)) for t, r in zip((q, k, v), GATHER))
+                q, k, v = (t.index_select(0, r) for t, r in zip((q, k, v), index))
             if backend is None:
                 return F.scaled_dot_product_attention(q, k, v)
             with sdpa_kernel(backend):
@@ -129,12 +130,12 @@ def _providers(shape: Shape) -> dict[str, Callable[[Tensor, Tensor, Tensor], Ten
 
     def triton(q, k, v):
         if shape.gathered:
-            return fused_attention_rows(q, k, v, *GATHER, backend="triton")
+            return fused_attention_rows(q, k, v, *index, backend="triton")
         return fused_attention(q, k, v, backend="triton")
 
     def reference(q, k, v):
         if shape.gathered:
-            q, k, v = (t[r] for t, r in zip((q, k, v), GATHER))
+            q, k, v = (t.index_select(0, r) for t, r in zip((q, k, v), index))
         return attention_reference(q, k, v)
 
     out = {"triton": triton}
@@ -163,8 +164,10 @@ def bench_gpu(dtype: torch.dtype, warmup: int, repeats: int) -> dict[str, object
             )
             for _ in range(sets)
         ]
-        oracle = _providers(shape)["reference-fp32"](*inputs[0])
-        for name, fn in _providers(shape).items():
+        index = [torch.tensor(r, device=device) for r in GATHER]
+        providers = _providers(shape, index)
+        oracle = providers["reference-fp32"](*inputs[0])
+        for name, fn in providers.items():
             row: dict[str, object] = {"shape": shape.label, "provider": name, "dtype": str(dtype).replace("torch.", "")}
             try:
                 err = (fn(*inputs[0]).float() - oracle).abs().max().item()

@@ -7,7 +7,7 @@ the inputs' own dtype, plus a small absolute floor.
 
 The interpreted runs happen in one child process with TRITON_INTERPRET=1 (kernels/interpret.py),
 so this test session keeps importing Triton normally. Shapes are small (N <= 77, 2 rows x 2
-heads) to keep the interpreter fast: the whole module takes about 30 s on 2 CPU cores.
+heads) to keep the interpreter fast: the whole module takes about 15 s on 2 CPU cores.
 """
 
 from __future__ import annotations

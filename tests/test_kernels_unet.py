@@ -7,7 +7,7 @@ Oracle: the same UNet whose attention layers call the plain reference (kernels/r
 float64 for fp32 models, float32 for bf16 ones, rounded back to the model dtype (the UNet itself
 cannot run in float64: its GroupNorm computes in float32). Budget: the Triton-path output is at
 most twice as far from the oracle as the ordinary SDPA path in the same dtype, plus a small
-floor. Takes about 60 s on 2 CPU cores (most of it the interpreter).
+floor. Takes about 20 s on 2 CPU cores (most of it the interpreter).
 """
 
 from __future__ import annotations
