@@ -26,8 +26,10 @@ flash-attention's `flash_attn_triton.py`:
 Forward only; kernels/attention.py says what runs for gradients. Block sizes are autotuned,
 keyed on (N_Q, N_K, HEAD_DIM) (the autotuner adds the dtypes to the key), over configs checked
 offline for register spills and shared memory with ptxas (`STATIC_OK`, kernels/static_check.py,
-benchmarks/results/kernel-static.md): configs that spill are not in it. Uses only Triton
-features present in 3.0-3.9 (the GPU machines run 3.6).
+benchmarks/results/kernel-static.md): configs that spill are not in it. Uses only long-standing
+Triton features; compiled for sm_90a with both 3.9 (CI) and 3.6 (the GPU machines' version,
+kernel-static-triton3.6.md). Triton 3.6's *interpreter* cannot run it with numpy 2 (a loop bound
+computed from a kernel argument is a 1-element array there); the CPU tests use 3.9's.
 """
 
 from __future__ import annotations
