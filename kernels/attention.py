@@ -149,6 +149,8 @@ def fused_attention_rows(
 
     The output has len(q_rows) rows. The Triton kernel reads the rows in place through the index
     tensors; the SDPA path gathers them with index_select (a copy of the gathered rows only).
+    Row lists are copied to q's device on every call (on CUDA a blocking host-to-device copy);
+    callers on the hot path can pass index tensors already on the device, made once.
     """
     qi = _as_index(q_rows, q.device, "q_rows", q.shape[0])
     ki = _as_index(k_rows, q.device, "k_rows", k.shape[0])
