@@ -28,7 +28,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, as the original does for fp16 inference."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

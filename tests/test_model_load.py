@@ -84,3 +84,16 @@ def test_wrong_family_config_is_refused(tiny, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="not a valid SD-1 config"):
         StableDiffusion.load(directory)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
+def test_half_precision_models_run_on_cpu_close_to_fp32(tiny, dtype, tolerance):
+    """GroupNorm32 computes in fp32 whatever the weight dtype (CPU group_norm refuses mixed dtypes)."""
+    low = StableDiffusion.tiny_random(seed=0, dtype=dtype)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny.unet(z, 501, tiny.embed(["a cat", "a dog"]))
+        out = low.unet(z.to(dtype), 501, low.embed(["a cat", "a dog"]))
+        decoded = low.vae.decode(z.to(dtype))
+    assert out.dtype == dtype and decoded.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
