@@ -41,7 +41,7 @@ from inversion.direct import DirectConfig, invert_direct
 from inversion.negative_prompt import NegativePromptConfig, invert_negative_prompt
 from inversion.null_text import NullTextConfig, invert_null_text
 from ldm.context import BatchLayout, Controller, NoControl, Row
-from ldm.errors import UsageError
+from ldm.errors import ArgumentParser, UsageError
 from ldm.image import decode, encode, load_image
 from ldm.tokenizer import Tokenizer
 from samplers.guidance import ClassifierFree, Guidance
@@ -271,7 +271,7 @@ def parse_blend(text: str | None) -> tuple[str, str] | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="invedit edit", description="Edit a real image with a source and a target prompt.")
+    p = ArgumentParser(prog="invedit edit", description="Edit a real image with a source and a target prompt.")
     p.add_argument("--model", required=True, help="converted model directory, or tiny-random")
     p.add_argument("--image", required=True)
     p.add_argument("--source", required=True, help="prompt describing the image ([ ] are removed, as PIE-Bench's)")

@@ -22,6 +22,7 @@ from inversion.direct import DirectConfig, invert_direct
 from inversion.negative_prompt import NegativePromptConfig, invert_negative_prompt
 from inversion.null_text import NullTextConfig, invert_null_text
 from ldm.context import BatchLayout
+from ldm.errors import ArgumentParser
 from ldm.image import decode, encode, load_image
 from samplers.loop import denoise
 from samplers.trajectory import Inversion
@@ -47,7 +48,7 @@ def invert(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="invedit reconstruct", description="Invert an image and reconstruct it with its prompt.")
+    p = ArgumentParser(prog="invedit reconstruct", description="Invert an image and reconstruct it with its prompt.")
     p.add_argument("--model", required=True, help="converted model directory, or tiny-random")
     p.add_argument("--image", required=True, help="input image (any format PIL reads)")
     p.add_argument("--prompt", required=True, help="the source prompt describing the image")

@@ -23,7 +23,6 @@ registers, spills and shared memory (kernels/static_check.py) in kernel-static.j
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 import statistics
@@ -370,7 +369,9 @@ def run_static(out_dir: Path, jobs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="invedit bench", description=__doc__.splitlines()[0])
+    from ldm.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="invedit bench", description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="kernel", choices=["kernel"], help="what to benchmark")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
     parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")

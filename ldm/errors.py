@@ -3,6 +3,9 @@
 cli.py turns any InveditError into one line on stderr and exit code 2 (DESIGN.md §9).
 """
 
+import argparse
+from typing import NoReturn
+
 
 class InveditError(Exception):
     """A failure caused by the user's input, reported without a traceback."""
@@ -22,3 +25,11 @@ class PromptError(InveditError):
 
 class UsageError(InveditError):
     """Bad option values or combinations."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors, so a bad option is one line and exit code 2 like
+    every other user error (argparse itself prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")

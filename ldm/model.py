@@ -10,7 +10,6 @@ The noise schedule belongs to samplers/, so nothing here knows about sampling.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ldm.config import TINY, SDConfig
-from ldm.errors import WeightsError
+from ldm.errors import ArgumentParser, WeightsError
 from ldm.safetensors_header import check_safetensors_header
 from ldm.text import CLIPTextModel
 from ldm.tokenizer import Tokenizer
@@ -147,7 +146,7 @@ def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.
 
 def main(argv: list[str]) -> int:
     """`invedit info`: load or build a model, print its size and attention sites, run one UNet call."""
-    parser = argparse.ArgumentParser(prog="invedit info", description=main.__doc__)
+    parser = ArgumentParser(prog="invedit info", description=main.__doc__)
     parser.add_argument("--model", default="tiny-random", help="converted model directory or tiny-random")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels for the test forward")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)

@@ -11,7 +11,6 @@ place, so an interrupted conversion never leaves a directory that `StableDiffusi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ldm.config import SD14, SDConfig
-from ldm.errors import UsageError, WeightsError
+from ldm.errors import ArgumentParser, UsageError, WeightsError
 from ldm.model import COMPONENTS, DTYPES, build_networks
 from weights import identify, layouts
 from weights.safeload import check_safetensors_header, read_state_dict, sniff_format
@@ -294,7 +293,7 @@ def convert(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="invedit convert",
         description="Convert an SD-1.x checkpoint (original .ckpt/.safetensors or a diffusers folder) "
         "into an invedit model directory.",

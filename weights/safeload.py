@@ -26,7 +26,6 @@ from ldm.errors import WeightsError
 from ldm.safetensors_header import check_safetensors_header
 
 
-
 class _LightningCallbackStandIn:
     """Takes the place of pytorch_lightning's ModelCheckpoint (a dict key in `callbacks`)."""
 
