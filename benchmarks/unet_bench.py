@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     payload = {"device": name, "dtype": str(dtype), "config": args.config, "size": size, "torch": torch.__version__,
                "warmup": warmup, "repeats": repeats, "results": results}
-    paths = write_results(args.out, f"unet-{slug(name)}", payload, table)
+    paths = write_results(args.out, f"unet-{args.config}-{size}px-{slug(name)}", payload, table)
     print("wrote", *paths)
     return 0
 
