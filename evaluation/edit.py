@@ -229,36 +229,37 @@ def attention_picture(sd: Any, recorder: CrossMapRecorder, prompt: str, latent_h
     return grid(tiles, captions) if tiles else None
 
 
+def split_word_value(item: str, option: str, parse, expected: str):
+    """WORD=VALUE -> (word, parse(value)); anything else is a UsageError naming the option."""
+    word, sep, value = item.rpartition("=")
+    try:
+        parsed = parse(value) if sep and word else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise UsageError(f"{option} {item!r}: expected {expected}")
+    return word, parsed
+
+
 def parse_reweight(items: list[str] | None) -> dict[str, float] | None:
     if not items:
         return None
-    out = {}
-    for item in items:
-        word, sep, value = item.rpartition("=")
-        try:
-            out[word] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not word:
-            raise UsageError(f"--reweight {item!r}: expected WORD=VALUE, e.g. cake=2")
-    return out
+    return dict(split_word_value(item, "--reweight", float, "WORD=VALUE, e.g. cake=2") for item in items)
+
+
+def _window(value: str) -> tuple[float, float] | None:
+    bounds = [float(v) for v in value.split(":")]
+    if len(bounds) not in (1, 2):
+        return None
+    return (0.0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1])
 
 
 def parse_cross_words(items: list[str] | None) -> dict[str, tuple[float, float]] | None:
     """WORD=END or WORD=START:END (fractions of the run) -> {word: (start, end)}."""
     if not items:
         return None
-    out = {}
-    for item in items:
-        word, sep, value = item.rpartition("=")
-        try:
-            bounds = [float(v) for v in value.split(":")]
-        except ValueError:
-            bounds = []
-        if not sep or not word or len(bounds) not in (1, 2):
-            raise UsageError(f"--cross-word {item!r}: expected WORD=END or WORD=START:END, e.g. cake=0.2:0.6")
-        out[word] = (0.0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1])
-    return out
+    expected = "WORD=END or WORD=START:END, e.g. cake=0.2:0.6"
+    return dict(split_word_value(item, "--cross-word", _window, expected) for item in items)
 
 
 def parse_blend(text: str | None) -> tuple[str, str] | None:
