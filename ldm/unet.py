@@ -3,7 +3,7 @@
 Module names equal the keys of the original checkpoint under `model.diffusion_model.`
 (input_blocks / middle_block / output_blocks, in_layers / emb_layers / out_layers /
 skip_connection, proj_in / transformer_blocks / proj_out, attn1 / attn2 / ff), so the original
-weights load by stripping that prefix. WEIGHTS.md §1.2 lists the architecture facts used here.
+weights load by stripping that prefix. docs/weights.md lists the architecture facts used here.
 
 Every attention layer gets a static `AttnSite` and every ResBlock a `ResSite` at construction,
 numbered in execution order, so controllers select layers by query (`attn_sites()`), never by
@@ -60,7 +60,8 @@ class ResBlock(nn.Module):
         h = self.out_layers(h)
         if ctx is not None:
             # Plug-and-Play swaps this residual branch between rows; the skip stays each row's own.
-            h = ctx.controller.features(h, self.site, ctx)
+            assert self.site is not None, "ResBlock used under a controller without a site"
+            h = ctx.features(h, self.site)
         return self.skip_connection(x) + h
 
 
