@@ -1,7 +1,7 @@
 """The attention kernel compiles for Hopper (sm_90a) without a GPU, without spills, within shared memory.
 
 `triton.compile` with an explicit GPUTarget needs no driver; registers and spills come from
-`ptxas -v` on the PTX (kernels/static_check.py). CI compiles the first autotune config of each SD
+`ptxas -v` on the PTX (benchmarks/kernel_static.py). CI compiles the first autotune config of each SD
 head dim in fp16 (~15-25 s each on 2 cores); `invedit bench kernel --static` sweeps every
 candidate for sm_80 and sm_90a and writes benchmarks/results/kernel-static.json, whose passing
 lists must be exactly the kernel's autotune lists; kernel-static-triton3.6.json records the
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.static_check import SHARED_LIMIT, compile_config
+from benchmarks.kernel_static import SHARED_LIMIT, compile_config
 from kernels.triton_attention import SPILL_ON_TRITON_3_6, STATIC_OK, autotune_configs
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kernel-static.json"

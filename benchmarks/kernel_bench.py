@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.attention import fused_attention, fused_attention_rows
-from kernels.reference import attention_reference
+from benchmarks.attention_reference import attention_reference
 
 ROWS, HEADS = 4, 8
 # MasaCtrl's mutual self-attention on [u_src, u_tgt, c_src, c_tgt]: targets read the source's K, V
@@ -225,7 +225,7 @@ def bench_backward(dtype: torch.dtype, warmup: int, repeats: int, flush: Tensor)
 def smoke_interpreted() -> dict[str, object]:
     """Each head dim, self / cross-77 / odd N / gathered rows, in fp16, bf16 and fp32, under the
     CPU interpreter: max error vs the fp32 reference and vs plain same-dtype attention."""
-    from kernels.interpret import Job, run_interpreted
+    from benchmarks.triton_interpret import Job, run_interpreted
 
     cases = []
     gen = torch.Generator().manual_seed(0)
@@ -310,7 +310,7 @@ def run_static(out_dir: Path, jobs: int) -> None:
     is 10-60 s on 2 cores): phase 1 the two-stage configs whose register estimate is plausible,
     phase 2 the three-stage variants of those that passed on both archs (stages change shared
     memory, barely registers). bf16 shares fp16's tiles and MMA shapes, so it uses the fp16 list."""
-    from kernels.static_check import (
+    from benchmarks.kernel_static import (
         REGISTER_ESTIMATE_LIMIT,
         estimate_registers,
         markdown_table,

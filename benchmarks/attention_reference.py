@@ -1,4 +1,4 @@
-"""Plain-PyTorch attention, softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1): the kernel tests' oracle.
+"""Plain-PyTorch attention, softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1): the oracle of the kernel tests and bench.
 
 Written out as matmul -> softmax -> matmul with nothing fused, so it shares no code with the
 kernels it checks. `dtype` is the precision it computes in: float32 (the default) is the oracle
