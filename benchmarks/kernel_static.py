@@ -1,20 +1,28 @@
-"""Compile the attention kernel for sm_80 and sm_90a without a GPU and read its register use.
+"""The ptxas compile sweep: compile the attention kernel for sm_80 and sm_90a without a GPU and read its register use.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline (TTIR ->
 TTGIR -> LLVM -> PTX -> cubin) with no driver: the target is given, not queried. The compiled
 object knows its shared memory (`metadata.shared`) but registers and spills are only reported by
 the driver at load time, so they are read from `ptxas -v` on the PTX, with the ptxas that Triton
 itself uses for that architecture (shipped in the wheel). A config passes when ptxas reports no
-spill stores or loads and its shared memory fits the architecture's per-block limit; only passing
-configs belong in triton_attention.STATIC_OK (PERFORMANCE.md §4; a spilling attention kernel loses
-most of its speed).
+spill stores or loads and its shared memory fits the architecture's per-block limit; a spilling
+attention kernel loses most of its speed (register spills go to local memory, i.e. HBM traffic
+inside the inner loop), so only passing configs are autotuned.
+
+`invedit bench kernel --static` runs `run_sweep`: it writes kernel-static.json/.md (every compile)
+and autotune.json, the record the kernel reads its autotune candidates from: the passing lists,
+minus the configs that a recorded check by another Triton version saw fail. The shipped copy is
+kernels/data/autotune.json; after a new sweep, copy the written autotune.json there (and the
+sweep's files to benchmarks/results/): tests/test_kernels_static.py checks that the shipped record
+is exactly what `autotune_record` makes of the recorded results.
 
 Numbers are for the Triton version installed where this runs (3.9 in CI); the GPU machines run
-3.6, whose code generation can differ a little.
+3.6, whose code generation can differ a little (benchmarks/results/kernel-static-triton3.6.json).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -26,7 +34,21 @@ from pathlib import Path
 
 import torch
 
-from kernels.triton_attention import BlockConfig, _attn_fwd, block_d, precision
+from kernels.triton_attention import BlockConfig, _attn_fwd, autotune_record, block_d, parse_config, precision
+from ldm.files import write_bytes, write_json
+
+
+def candidate_configs() -> list[BlockConfig]:
+    """Every block configuration the sweep considers: the Triton tutorial's grid widened to the
+    small tiles that d = 160 (a 256-wide tile) and fp32 need to stay within 255 registers."""
+    return [
+        BlockConfig(m, n, w, s)
+        for m in (32, 64, 128)
+        for n in (16, 32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
 
 # Max dynamic shared memory per block (CUDA programming guide, compute capability table).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -150,8 +172,7 @@ def markdown_table(results: list[StaticResult]) -> str:
 def _compile_job(job: tuple[int, str, str, int]) -> StaticResult:
     head_dim, dtype_name, config_name, capability = job
     dtype = {v: k for k, v in _TL_TYPE.items()}[dtype_name]
-    m, n, w, s = (int(part[1:]) for part in config_name.split("-"))
-    return compile_config(head_dim, dtype, BlockConfig(m, n, w, s), capability)
+    return compile_config(head_dim, dtype, parse_config(config_name), capability)
 
 
 def sweep(
@@ -189,3 +210,98 @@ def passing_configs(results: list[StaticResult]) -> dict[tuple[int, str], list[s
         ok = by_key.setdefault((r.head_dim, r.dtype), {})
         ok[r.config] = ok.get(r.config, True) and r.ok
     return {key: [c for c, good in oks.items() if good] for key, oks in by_key.items()}
+
+
+# ---------------------------------------------------------------- the sweep command and its records
+
+SD_HEAD_DIMS = (40, 80, 160)
+AUTOTUNE_WHAT = (
+    "Block configs of the Triton attention kernel (kernels/triton_attention.py) that compile for sm_80 and sm_90a "
+    "without register spills and within shared memory, per SD head dim and element width, in candidate order "
+    "(bf16 uses the fp16 lists), minus the excluded ones: the kernel autotunes over these. Written by "
+    "`invedit bench kernel --static` (benchmarks/kernel_static.py)."
+)
+
+
+def exclusions_from(check: dict[str, object]) -> dict[str, object]:
+    """The `excluded` entry of an autotune record, from a recorded compile check by another Triton
+    version (a JSON object with "what", "versions" and "failing", as kernel-static-triton3.6.json)."""
+    versions = check["versions"]
+    return {
+        "triton": versions["triton"],  # type: ignore[index]
+        "why": f"fail in a compile check by Triton {versions['triton']}: {check['what']}",  # type: ignore[index]
+        "configs": sorted(check["failing"]),  # type: ignore[arg-type]
+    }
+
+
+def autotune_record(sweep_result: dict[str, object], excluded: dict[str, object]) -> dict[str, object]:
+    """What autotune.json holds, from a sweep's kernel-static.json object and an `excluded` entry."""
+    return {
+        "what": AUTOTUNE_WHAT,
+        "sweep_versions": sweep_result["versions"],
+        "passing": sweep_result["passing"],
+        "excluded": excluded,
+    }
+
+
+def run_sweep(out_dir: Path, jobs: int, exclude_from: Path | None = None) -> list[Path]:
+    """Compile the candidates for sm_80 and sm_90a in two phases to bound the time (each compile
+    is 10-60 s on 2 cores): phase 1 the two-stage configs whose register estimate is plausible,
+    phase 2 the three-stage variants of those that passed on both archs (stages change shared
+    memory, barely registers). bf16 shares fp16's tiles and MMA shapes, so it uses the fp16 list.
+
+    Writes kernel-static.json/.md and autotune.json into out_dir and returns their paths. The
+    exclusions come from `exclude_from` (a recorded check by another Triton version) or, without
+    it, are those of the installed kernels/data/autotune.json: this sweep cannot re-derive what
+    another Triton version compiles, so a new sweep must not silently drop them.
+    """
+    from benchmarks.common import versions
+
+    if exclude_from is None:
+        excluded = autotune_record()["excluded"]
+    else:
+        excluded = exclusions_from(json.loads(exclude_from.read_text()))
+    start = time.perf_counter()
+    results: list[StaticResult] = []
+    skipped: list[dict[str, object]] = []
+    for d in SD_HEAD_DIMS:
+        for dtype in (torch.float16, torch.float32):
+            eb = torch.finfo(dtype).bits // 8
+            phase1 = []
+            for c in candidate_configs():
+                est = estimate_registers(c, block_d(d), eb)
+                if c.num_stages != 2:
+                    continue
+                if est > REGISTER_ESTIMATE_LIMIT:
+                    skipped.append({"head_dim": d, "dtype": str(dtype), "config": str(c), "estimated_registers": est,
+                                    "skipped": f"estimate > {REGISTER_ESTIMATE_LIMIT}"})
+                else:
+                    phase1.append(c)
+            first = sweep((d,), (dtype,), phase1, jobs=jobs)
+            ok = passing_configs(first).get((d, first[0].dtype), []) if first else []
+            stage3 = [BlockConfig(c.block_m, c.block_n, c.num_warps, 3) for c in phase1 if str(c) in ok]
+            skipped += [{"head_dim": d, "dtype": str(dtype), "config": str(BlockConfig(c.block_m, c.block_n, c.num_warps, 3)),
+                         "skipped": "its two-stage variant failed"} for c in phase1 if str(c) not in ok]
+            results += first + (sweep((d,), (dtype,), stage3, jobs=jobs) if stage3 else [])
+            print(f"static check d={d} {dtype}: {len(results)} compiled so far, {time.perf_counter() - start:.0f} s", flush=True)
+    passing = passing_configs(results)
+    sweep_result: dict[str, object] = {
+        "versions": versions(),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "passing": {f"d{d}-{t}": names for (d, t), names in passing.items()},
+        "results": [r.to_dict() for r in results],
+        "skipped": skipped,
+    }
+    paths = [out_dir / "kernel-static.json", out_dir / "kernel-static.md", out_dir / "autotune.json"]
+    write_json(paths[0], sweep_result)
+    header = (
+        "# Static compile check of the attention kernel (no GPU)\n\n"
+        "`triton.compile` for each target, registers and spills from `ptxas -v` on the PTX, shared memory "
+        "from the compiled metadata (benchmarks/kernel_static.py; `invedit bench kernel --static`). ok = no spills "
+        "and shared memory within the per-block limit (sm_80 166912 B, sm_90a 232448 B). Configs not compiled "
+        "(register estimate too high, or their two-stage variant failed) are listed in kernel-static.json.\n\n"
+    )
+    summary = "\n".join(f"- d={d} {t}: {', '.join(names) or 'none'}" for (d, t), names in passing.items())
+    write_bytes(paths[1], (header + "Passing on both archs:\n\n" + summary + "\n\n" + markdown_table(results)).encode())
+    write_json(paths[2], autotune_record(sweep_result, excluded))
+    return paths
