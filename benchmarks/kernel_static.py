@@ -14,7 +14,7 @@ and autotune.json, the record the kernel reads its autotune candidates from: the
 minus the configs that a recorded check by another Triton version saw fail. The shipped copy is
 kernels/data/autotune.json; after a new sweep, copy the written autotune.json there (and the
 sweep's files to benchmarks/results/): tests/test_kernels_static.py checks that the shipped record
-is exactly what `autotune_record` makes of the recorded results.
+is exactly what `make_autotune_record` makes of the recorded results.
 
 Numbers are for the Triton version installed where this runs (3.9 in CI); the GPU machines run
 3.6, whose code generation can differ a little (benchmarks/results/kernel-static-triton3.6.json).
@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import versions
 from kernels.triton_attention import BlockConfig, _attn_fwd, autotune_record, block_d, parse_config, precision
+from ldm.errors import UsageError
 from ldm.files import write_bytes, write_json
 
 
@@ -226,15 +228,33 @@ AUTOTUNE_WHAT = (
 def exclusions_from(check: dict[str, object]) -> dict[str, object]:
     """The `excluded` entry of an autotune record, from a recorded compile check by another Triton
     version (a JSON object with "what", "versions" and "failing", as kernel-static-triton3.6.json)."""
-    versions = check["versions"]
+    triton_version = check["versions"]["triton"]  # type: ignore[index]
     return {
-        "triton": versions["triton"],  # type: ignore[index]
-        "why": f"fail in a compile check by Triton {versions['triton']}: {check['what']}",  # type: ignore[index]
+        "triton": triton_version,
+        "why": f"fail in a compile check by Triton {triton_version}: {check['what']}",
         "configs": sorted(check["failing"]),  # type: ignore[arg-type]
     }
 
 
-def autotune_record(sweep_result: dict[str, object], excluded: dict[str, object]) -> dict[str, object]:
+def load_exclusions(check_file: Path | None) -> dict[str, object]:
+    """The `excluded` entry for a new autotune.json: from `check_file` (a recorded check by another
+    Triton version) or, without one, the installed kernels/data/autotune.json's: this sweep cannot
+    re-derive what another Triton version compiles, so a new sweep must not silently drop them.
+    A bad file is a UsageError, raised before the sweep spends its minutes."""
+    if check_file is None:
+        return autotune_record()["excluded"]  # type: ignore[return-value]
+    try:
+        return exclusions_from(json.loads(check_file.read_text()))
+    except OSError as err:
+        raise UsageError(f"--exclude-from {check_file}: cannot read it ({err.strerror})") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(
+            f"--exclude-from {check_file}: not a recorded compile check (a JSON object with 'what', "
+            f"'versions' and 'failing'): {type(err).__name__} {err}"
+        ) from err
+
+
+def make_autotune_record(sweep_result: dict[str, object], excluded: dict[str, object]) -> dict[str, object]:
     """What autotune.json holds, from a sweep's kernel-static.json object and an `excluded` entry."""
     return {
         "what": AUTOTUNE_WHAT,
@@ -244,23 +264,15 @@ def autotune_record(sweep_result: dict[str, object], excluded: dict[str, object]
     }
 
 
-def run_sweep(out_dir: Path, jobs: int, exclude_from: Path | None = None) -> list[Path]:
+def run_sweep(out_dir: Path, jobs: int, excluded: dict[str, object]) -> list[Path]:
     """Compile the candidates for sm_80 and sm_90a in two phases to bound the time (each compile
     is 10-60 s on 2 cores): phase 1 the two-stage configs whose register estimate is plausible,
     phase 2 the three-stage variants of those that passed on both archs (stages change shared
     memory, barely registers). bf16 shares fp16's tiles and MMA shapes, so it uses the fp16 list.
 
-    Writes kernel-static.json/.md and autotune.json into out_dir and returns their paths. The
-    exclusions come from `exclude_from` (a recorded check by another Triton version) or, without
-    it, are those of the installed kernels/data/autotune.json: this sweep cannot re-derive what
-    another Triton version compiles, so a new sweep must not silently drop them.
+    Writes kernel-static.json/.md and autotune.json (with `excluded`, see load_exclusions) into
+    out_dir and returns their paths.
     """
-    from benchmarks.common import versions
-
-    if exclude_from is None:
-        excluded = autotune_record()["excluded"]
-    else:
-        excluded = exclusions_from(json.loads(exclude_from.read_text()))
     start = time.perf_counter()
     results: list[StaticResult] = []
     skipped: list[dict[str, object]] = []
@@ -303,5 +315,5 @@ def run_sweep(out_dir: Path, jobs: int, exclude_from: Path | None = None) -> lis
     )
     summary = "\n".join(f"- d={d} {t}: {', '.join(names) or 'none'}" for (d, t), names in passing.items())
     write_bytes(paths[1], (header + "Passing on both archs:\n\n" + summary + "\n\n" + markdown_table(results)).encode())
-    write_json(paths[2], autotune_record(sweep_result, excluded))
+    write_json(paths[2], make_autotune_record(sweep_result, excluded))
     return paths

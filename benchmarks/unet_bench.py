@@ -1,13 +1,14 @@
-"""UNet step benchmark (PERFORMANCE.md §6 metric 3): one UNet call on 1, 2 and 4 rows, ours
+"""UNet step benchmark (docs/performance.md): one UNet call on 1, 2 and 4 rows, ours
 against diffusers' UNet2DConditionModel with the same weights, and the 4-row editing step with a
 Prompt-to-Prompt-style self-attention replacement done both ways: ours through the fused
 row-gathering attention, the reference's way by materialising every attention map
 (softmax(QK^T) per head, then the target's map replaced by the source's, then a batched matmul).
 
     python benchmarks/unet_bench.py                       # CPU: SD-1.4 widths at 256 px
-    python benchmarks/unet_bench.py --device cuda --dtype fp16 --size 512
+    python benchmarks/unet_bench.py --device cuda --dtype fp16 --size 512 --out results/
 
-Prints a table and writes benchmarks/results/unet-<device>.{json,md}. Outputs of the two
+Prints a table and writes unet-<config>-<size>px-<device>.{json,md} into --out (default: the
+current directory; benchmarks/results/ holds the runs this repository records). Outputs of the two
 implementations are compared before timing (a faster step that computes something else is no win).
 """
 
@@ -86,14 +87,30 @@ def diffusers_unet_like(ours_cfg, state):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--config", choices=["sd14", "tiny"], default="sd14")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 CUDA, 256 CPU)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights and inputs (default: fp16 on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--config", choices=["sd14", "tiny"], default="sd14", help="UNet widths, random weights (default: %(default)s)"
+    )
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512 on CUDA, 256 on CPU)")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[1, 2, 4], help="batch rows per timed call (default: 1 2 4)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls, the median is reported (default: 20 on CUDA, 3 on CPU)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="directory for the result files, created if missing (default: the current directory)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

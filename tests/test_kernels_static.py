@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.kernel_static import SHARED_LIMIT, autotune_record, compile_config, exclusions_from
+from benchmarks.kernel_static import SHARED_LIMIT, compile_config, exclusions_from, make_autotune_record
 from kernels import triton_attention
 from kernels.triton_attention import STATIC_EXCLUDED, STATIC_OK, autotune_configs
 
@@ -38,7 +38,7 @@ def test_first_autotune_config_compiles_for_sm90a_without_spills(head_dim):
 def test_shipped_autotune_record_is_what_the_sweep_command_writes_from_the_recorded_results():
     recorded = json.loads(RESULTS.read_text())
     recorded_36 = json.loads(RESULTS_36.read_text())
-    assert triton_attention.autotune_record() == autotune_record(recorded, exclusions_from(recorded_36))
+    assert triton_attention.autotune_record() == make_autotune_record(recorded, exclusions_from(recorded_36))
 
 
 def test_autotune_lists_are_the_configs_the_recorded_sweep_passed():
