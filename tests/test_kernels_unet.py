@@ -3,11 +3,12 @@
 A controller whose attend() calls fused_attention(..., backend="triton") (no global switch) runs
 every self- and cross-attention layer of the tiny random UNet through the kernel in Triton's CPU
 interpreter (a child process with TRITON_INTERPRET=1, so this session imports Triton normally).
-Oracle: the same UNet whose attention layers call the plain reference (benchmarks/attention_reference.py) in
-float64 for fp32 models, float32 for bf16 ones, rounded back to the model dtype (the UNet itself
-cannot run in float64: its GroupNorm computes in float32). Budget: the Triton-path output is at
-most twice as far from the oracle as the ordinary SDPA path in the same dtype, plus a small
-floor. Takes about 20 s on 2 CPU cores (most of it the interpreter).
+Oracle: the same UNet whose attention layers call the plain reference
+(benchmarks/attention_reference.py) in float64 for fp32 models, float32 for bf16 ones, rounded
+back to the model dtype (the UNet itself cannot run in float64: its GroupNorm computes in
+float32). Budget: the Triton-path output is at most twice as far from the oracle as the ordinary
+SDPA path in the same dtype, plus a small floor. Takes about 20 s on 2 CPU cores (most of it the
+interpreter).
 """
 
 from __future__ import annotations
