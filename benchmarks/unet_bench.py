@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.commands import add_out_option  # noqa: E402
 from benchmarks.common import device_name, markdown_table, measure, slug, write_results  # noqa: E402
 from kernels.attention import fused_attention, fused_attention_rows  # noqa: E402
 from ldm.config import SD14, TINY  # noqa: E402
@@ -104,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls, the median is reported (default: 20 on CUDA, 3 on CPU)"
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("."),
-        metavar="DIR",
-        help="directory for the result files, created if missing (default: the current directory)",
-    )
+    add_out_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
