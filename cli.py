@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None, registry: "Registry | None" = None) -> i
     except InveditError as err:
         print(f"invedit {name}: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as done:  # argparse's --help
+        return int(done.code or 0)
     except KeyboardInterrupt:
         print(f"invedit {name}: interrupted", file=sys.stderr)
         return 130
