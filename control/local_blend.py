@@ -1,6 +1,6 @@
 """LocalBlend: keep the source latent outside the region the edited words attend to.
 
-docs/methods.md "LocalBlend" (Prompt-to-Prompt, Hertz et al. 2022, §3.2 "local editing"), with the
+docs/methods/prompt-to-prompt.md ("LocalBlend") (Prompt-to-Prompt, Hertz et al. 2022, §3.2 "local editing"), with the
 PIE-Bench defaults (start 0.2, thresholds 0.3/0.3). The cross-attention maps of the conditional
 source and target rows at the level that is 16x16 at 512 px (down and up blocks, as the
 reference's `down_cross[2:4] + up_cross[:3]`) are summed over heads, layers and all steps so far;

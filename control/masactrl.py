@@ -1,6 +1,6 @@
 """MasaCtrl: mutual self-attention control (Cao et al. 2023, §4.2, eq. 4) as PIE-Bench runs it.
 
-docs/methods.md "MasaCtrl". From step `start_step` on, in the self-attention of every transformer
+docs/methods/masactrl.md. From step `start_step` on, in the self-attention of every transformer
 block numbered `start_layer` or later (the reference's layer index: blocks in execution order,
 which is image-size independent; 10..15 are the decoder's 32x32 and 64x64 blocks of SD-1.4),
 each target row queries the keys and values of the source row of the same CFG half:

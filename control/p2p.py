@@ -1,6 +1,6 @@
 """Prompt-to-Prompt (Hertz et al. 2022, §3.2 eq. for Edit(M_t, M*_t, t)) as PIE-Bench runs it.
 
-docs/methods.md "Prompt-to-Prompt". Rows u_src, u_tgt, c_src, c_tgt (named through the layout);
+docs/methods/prompt-to-prompt.md. Rows u_src, u_tgt, c_src, c_tgt (named through the layout);
 only the conditional target row is edited:
 
 - self-attention, steps in the self window, levels that are <= 32x32 at 512 px:
@@ -177,7 +177,7 @@ def parse_word_window(item: str) -> tuple[str, tuple[float, float]]:
 
 @dataclass(frozen=True)
 class P2PSettings(Settings):
-    """PIE-Bench's P2P defaults (docs/methods.md "Prompt-to-Prompt")."""
+    """PIE-Bench's P2P defaults (docs/methods/prompt-to-prompt.md)."""
 
     cross: Bounds = setting(0.4, "fraction of the run (END or START:END) in which the target's cross-attention "
                             "maps are replaced", parse=parse_window, metavar="END|START:END", low=0.0, high=1.0)

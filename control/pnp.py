@@ -1,6 +1,6 @@
 """Plug-and-Play (Tumanyan et al. 2023, §4: feature and self-attention injection) as PIE-Bench runs it.
 
-docs/methods.md "Plug-and-Play". Rows: a `reference` row fed by the loop with the inversion
+docs/methods/plug-and-play.md. Rows: a `reference` row fed by the loop with the inversion
 latent of the current step (conditioned on the empty prompt, never stepped), then the target's
 uncond (negative prompt) and cond rows. For the first int(num_steps * attn_frac) steps, in the
 self-attention of every decoder block except the first (SD-1.4's L = 8..15), both target rows

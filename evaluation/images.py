@@ -1,4 +1,4 @@
-"""Images in and out of the latent space (docs/methods.md "Images and latents").
+"""Images in and out of the latent space (docs/methods/README.md ("Images and latents")).
 
 Loading follows the reference's `load_512` (cure-lab/PnPInversion `utils/utils.py`): center-crop
 to the target aspect ratio along the longer side, then PIL's default resize (bicubic), then

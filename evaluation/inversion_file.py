@@ -1,4 +1,4 @@
-"""Inversion files: invert once, edit many times (docs/methods.md "Inversion files").
+"""Inversion files: invert once, edit many times (docs/methods/inversion-files.md).
 
 One safetensors file per inversion:
 - `trajectory`: (steps+1, 1, 4, h, w) float32, z0 first and z_T last;

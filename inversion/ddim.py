@@ -1,4 +1,4 @@
-"""DDIM inversion (Song et al. 2021, eq. 12 run backwards; docs/methods.md "DDIM inversion").
+"""DDIM inversion (Song et al. 2021, eq. 12 run backwards; docs/methods/ddim-inversion.md).
 
 The trajectory L[0..T] is computed with the inversion prompt only (guidance 1, no unconditional
 pass) and each step queries the UNet with the less-noisy latent L[k] at the noisier label t, as

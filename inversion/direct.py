@@ -1,4 +1,4 @@
-"""DirectInversion / PnP Inversion (Ju et al., ICLR 2024; docs/methods.md "DirectInversion").
+"""DirectInversion / PnP Inversion (Ju et al., ICLR 2024; docs/methods/direct-inversion.md).
 
 Invert with plain DDIM, then during editing force the source branch back onto the inversion
 trajectory after every step, leaving the target branch alone. Two equivalent forms:

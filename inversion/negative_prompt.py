@@ -1,4 +1,4 @@
-"""Negative-prompt inversion (Miyake et al., arXiv 2305.16807; docs/methods.md "Negative-prompt inversion").
+"""Negative-prompt inversion (Miyake et al., arXiv 2305.16807; docs/methods/negative-prompt.md).
 
 NTI's optimised null embedding is close to the source-prompt embedding, so use E(src) itself as
 the "unconditional" embedding of every editing step: the source branch then reproduces the

@@ -1,4 +1,4 @@
-"""Null-text inversion (Mokady et al., CVPR 2023; docs/methods.md "Null-text inversion").
+"""Null-text inversion (Mokady et al., CVPR 2023; docs/methods/null-text.md).
 
 Keep the guidance-1 DDIM trajectory L as pivots and, for each denoising step i, optimise the
 unconditional embedding u so that one CFG step (scale w) from the current reconstruction lands on

@@ -1,5 +1,5 @@
 """Classifier-free guidance over named batch rows (Ho & Salimans 2022, eq. 6):
-eps = eps_u + w (eps_c - eps_u), docs/methods.md "Guidance".
+eps = eps_u + w (eps_c - eps_u), docs/methods/README.md ("Guidance").
 
 The loop hands a `Guidance` the unconditional and conditional predictions of every guided role at
 once, stacked in role order, with the roles' names, so a rule that looks across roles (ProxEdit's

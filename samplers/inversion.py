@@ -1,7 +1,7 @@
 """What an inversion hands the editing loop: the `Inversion` record (docs/architecture.md).
 
 An inversion carries the whole inversion trajectory L[0..T] (L[0] = z0, L[-1] = z_T; denoising
-step i ideally reads L[-1-i] and produces L[-2-i], docs/methods.md "Notation") and, depending on
+step i ideally reads L[-1-i] and produces L[-2-i], docs/methods/README.md ("Notation")) and, depending on
 the method, per-step state the loop applies:
 - `null_embeddings`: one unconditional embedding per step (null-text's optimised ones, or
   negative-prompt inversion's E(src)), put on the uncond rows of `null_roles` (all roles when None);
@@ -9,7 +9,7 @@ the method, per-step state the loop applies:
 It also records what it cost (`InversionCost`) and its settings, for run.json and inversion files.
 
 `state_tensors()` names the per-step state as stacked tensors, the keys an inversion file holds
-besides `trajectory` (evaluation/inversion_file.py, docs/methods.md "Inversion files").
+besides `trajectory` (evaluation/inversion_file.py, docs/methods/inversion-files.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Correction:
     """A per-step fix applied to one role's latent right after its DDIM step (before end_step).
 
     kind "offset": z += values[i] (DirectInversion as the reference runs it, offsets recorded in a
-        separate pass, docs/methods.md "DirectInversion").
+        separate pass, docs/methods/direct-inversion.md).
     kind "pivot": z = values[i] (DirectInversion fused into the loop: adding the offset
         target - z_rec computed in the editing batch itself lands exactly on the pivot L[-2-i]).
     values: one (1, C, h, w) tensor per denoising step.

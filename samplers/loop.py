@@ -1,6 +1,6 @@
 """The one editing loop: deterministic DDIM sampling (Song et al. 2021, eq. 12, eta = 0) with
 classifier-free guidance over named rows, attention control and inversion corrections
-(docs/architecture.md "One edit, step by step"; docs/methods.md for the reference's order).
+(docs/architecture.md "One edit, step by step"; docs/methods/ for each method's order of operations).
 
 Per run: every controller and hook is started (`start(run)`), so state from an earlier run is gone.
 Per step i (timestep t = schedule.timesteps[i]):

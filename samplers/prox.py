@@ -1,7 +1,6 @@
 """Proximal guidance (ProxEdit; Han et al. 2023, arXiv 2306.05414, §3.2) as a `Guidance`.
 
-As PIE-Bench runs it (`proximal_guidance_forward`, l0, quantile 0.75; docs/methods.md "Proximal
-guidance"): d = eps_c - eps_u over every guided row at once, tau = the q-quantile of |d| over the
+As PIE-Bench runs it (`proximal_guidance_forward`, l0, quantile 0.75; docs/methods/proximal-guidance.md): d = eps_c - eps_u over every guided row at once, tau = the q-quantile of |d| over the
 whole batch (one scalar for source and target together), d <- d - clamp(d, -tau, tau) (soft
 shrinkage: small entries of the guidance direction are dropped, large ones shrunk by tau); "l1"
 shrinks by tau once more. eps = eps_u + w d. With PIE's defaults the reference's

@@ -1,5 +1,5 @@
 """Controllers vs naive re-implementations written here from the reference code's behaviour
-(docs/methods.md), in the references' own structure: probabilities materialised (B*heads, N, M), the batch split with chunk / halves, layers
+(docs/methods/), in the references' own structure: probabilities materialised (B*heads, N, M), the batch split with chunk / halves, layers
 and steps found by counting attention calls (P2P, MasaCtrl) or by timestep membership and module
 names (PnP), LocalBlend from the "down_cross[2:4] + up_cross[:3]" store lists. Both run a few steps
 of the same loop on a small SD-shaped UNet (attention at three levels, like SD-1.4; q/k weights

@@ -1,6 +1,6 @@
 """Inversion methods on a tiny random SD (the tiny-sd pipeline's weights, at 128 px and 20 steps so
 that a test costs seconds), guidance 7.5: what each method promises about reconstruction
-(docs/methods.md), and null-text's optimiser settings."""
+(docs/methods/), and null-text's optimiser settings."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def test_null_embeddings_replace_every_uncond_row_per_step(sd, emb) -> None:
 
 
 def test_reference_row_is_fed_the_trajectory_at_the_same_timestep_and_never_stepped(sd, emb) -> None:
-    """Plug-and-Play layout [reference/cond, target/uncond, target/cond] (docs/methods.md "Plug-and-Play")."""
+    """Plug-and-Play layout [reference/cond, target/uncond, target/cond] (docs/methods/plug-and-play.md)."""
     traj = tuple(z(20 + k) for k in range(STEPS + 1))
     inv = Inversion("test", traj)
     layout = BatchLayout((Row("reference", "cond"), Row("target", "uncond"), Row("target", "cond")))

@@ -1,6 +1,6 @@
 """`invedit invert`: invert a photo once and write the inversion to a file, to edit it many times.
 
-The file (docs/methods.md "Inversion files") holds the trajectory z0..z_T, the method's per-step
+The file (docs/methods/inversion-files.md) holds the trajectory z0..z_T, the method's per-step
 state (null-text's embeddings, DirectInversion's offsets) and, as metadata, the method, its
 settings, the grid, the guidance, the prompt, the image's size and hash; `invedit edit
 --inversion-file FILE` starts from it without inverting again.
