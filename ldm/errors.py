@@ -27,6 +27,10 @@ class UsageError(InveditError):
     """Bad option values or combinations."""
 
 
+class DataError(InveditError):
+    """Missing or malformed benchmark data: a root, a mapping file, an entry, an image or a mask."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UsageErrors, so a bad option is one line and exit code 2 like
     every other user error (argparse itself prints the whole usage block first)."""
