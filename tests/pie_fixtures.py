@@ -69,3 +69,41 @@ def expected_mask(key: str) -> np.ndarray:
     mask[top:bottom, left:right] = True
     mask[0], mask[-1], mask[:, 0], mask[:, -1] = True, True, True, True
     return mask
+
+
+def make_tiny_clip(folder: Path) -> Path:
+    """A random-weight CLIP saved as a transformers folder (what --clip points at): 1-layer towers
+    32 wide, a 32 px image tower, the real CLIP vocabulary (ldm's bundled BPE)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    from ldm.tokenizer import write_bundled_tokenizer
+
+    write_bundled_tokenizer(folder)
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    images = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_dino(folder: Path) -> Path:
+    """A random-weight ViT (DINO's architecture, 2 blocks 32 wide, 16 px patches at 224 px)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=224, patch_size=16)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
