@@ -57,7 +57,7 @@ class ClipScore:
     def __call__(self, image: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> float:
         if mask is not None:
             image = (image * mask[..., None]).astype(np.uint8)  # the reference's np.uint8(img * mask)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device)  # (3, H, W) uint8
+        tensor = torch.tensor(image).permute(2, 0, 1).to(self.device)  # (3, H, W) uint8
         score = self.metric(tensor, prompt)  # this pair's clamped score (forward = update + compute on the batch)
         self.metric.reset()  # nothing carries over between pairs
         return float(score)

@@ -29,7 +29,7 @@ LpipsNetwork = Callable[[Tensor, Tensor], Tensor]
 
 def unit_masked(image: np.ndarray, keep: np.ndarray | None, device: str | torch.device = "cpu") -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1], times the (H, W) 0/1 mask `keep` if given."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device=device, dtype=torch.float32) / 255
+    x = torch.tensor(image).to(device=device, dtype=torch.float32) / 255
     if keep is not None:
         x = x * torch.from_numpy(keep).to(device=device, dtype=torch.float32)[..., None]  # (H, W, 1) broadcast
     return x.permute(2, 0, 1).unsqueeze(0).contiguous()  # (H, W, 3) -> (1, 3, H, W); MSE needs a flat view

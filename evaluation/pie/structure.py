@@ -74,7 +74,7 @@ class StructureDistance:
 
     def pixel_values(self, image: np.ndarray) -> Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float32: resized, then "normalised" on the 0..255 scale."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, torch.float32)
+        x = torch.tensor(image).to(self.device, torch.float32)
         x = x.permute(2, 0, 1).unsqueeze(0)  # (H, W, 3) -> (1, 3, H, W), values 0..255 (the quirk)
         s = self.settings
         size = resized_size(x.shape[2], x.shape[3], s.short_side, s.max_size)
