@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+pytest.importorskip("torchmetrics")  # the eval extra
 from evaluation.pie import networks
 from evaluation.pie.clip import ClipScore
 from evaluation.pie.metrics import METRICS, kept_pixels

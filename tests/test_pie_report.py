@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytest.importorskip("matplotlib")  # the eval extra
 from evaluation.pie import report_command
 from evaluation.pie.dataset import load_dataset
 from evaluation.pie.layout import edit_path, write_edit

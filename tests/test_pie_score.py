@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytest.importorskip("torchmetrics")  # the eval extra
 from evaluation.pie import score_command
 from evaluation.pie.dataset import load_dataset
 from evaluation.pie.layout import EditFormat, edit_path, write_edit
 from evaluation.pie.metrics import DEFAULT_METRICS
-from evaluation.pie.scores import Scorers, read_scores_csv, score_runs
+from evaluation.pie.scores import Scorers, score_runs
+from evaluation.pie.table import read_scores_csv
 from ldm.errors import DataError, UsageError, WeightsError
 from tests.pie_fixtures import ENTRIES, make_root, make_tiny_clip, make_tiny_dino
 

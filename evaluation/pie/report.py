@@ -21,7 +21,7 @@ from evaluation.pie.dataset import EDITING_TYPES, PieItem
 from evaluation.pie.metrics import METRICS, TABLE1
 from evaluation.pie.plot import tradeoff_png
 from evaluation.pie.reference import CITATION, TABLE1 as REFERENCE, TABLE1_ROWS
-from evaluation.pie.scores import ScoreTable
+from evaluation.pie.table import ScoreTable
 from evaluation.pie.summary import by_type, markdown_table, summarize, summary_rows
 from ldm.files import write_bytes
 

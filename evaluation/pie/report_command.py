@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from evaluation.pie.dataset import MAPPING_FILES, load_dataset
+from evaluation.pie.extras import require
 from evaluation.pie.report import ReportSettings, write_report
-from evaluation.pie.scores import read_scores_csv
+from evaluation.pie.table import read_scores_csv
 from ldm.errors import DataError, UsageError
 
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("matplotlib", command="eval report")
     if args.photos < 1 or not 16 <= args.thumbnail <= 1024:
         raise UsageError("--photos must be at least 1 and --thumbnail between 16 and 1024 pixels")
     output = Path(args.output)

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from evaluation.outputs import StageTimer, run_record, write_run_json
 from evaluation.pie.dataset import IMAGES_DIR, MAPPING_FILES, check_types, load_dataset
+from evaluation.pie.extras import require
 from evaluation.pie.layout import check_method
 from evaluation.pie.metrics import DEFAULT_METRICS, METRICS
-from evaluation.pie.scores import Scorers, score_runs, write_scores_csv
 from evaluation.pie.structure import StructureSettings
-from evaluation.pie.summary import markdown_table, summarize, summary_rows, write_summary_csv
 from ldm.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from evaluation.pie.scores import Scorers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +71,7 @@ def check_metrics(metrics: list[str]) -> tuple[str, ...]:
 def load_scorers(metrics: tuple[str, ...], args: argparse.Namespace) -> Scorers:
     """Only the networks the metrics need, each from its option or its default place."""
     from evaluation.pie import networks
+    from evaluation.pie.scores import Scorers
 
     needed = {METRICS[m].network for m in metrics}
     clip = structure = lpips = None
@@ -85,6 +90,11 @@ def load_scorers(metrics: tuple[str, ...], args: argparse.Namespace) -> Scorers:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("torchmetrics", command="eval score")
+    from evaluation.pie.scores import score_runs
+    from evaluation.pie.summary import markdown_table, summarize, summary_rows, write_summary_csv
+    from evaluation.pie.table import write_scores_csv
+
     metrics = check_metrics(args.metrics)
     check_types(args.types)
     output = Path(args.output)
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     params = {k: v for k, v in vars(args).items() if k != "func"}
     record = run_record(
         "eval score", params, timer.as_dict(),
-        structure=vars(StructureSettings(antialias=args.dino_antialias)), methods=methods, items=len(data.items),
+        structure=asdict(StructureSettings(antialias=args.dino_antialias)), methods=methods, items=len(data.items),
         skipped=list(data.skipped) + skipped, files={"scores": str(output), "summary": str(summary_path)},
     )
     write_run_json(output.with_suffix(".json"), record)

@@ -1,22 +1,17 @@
-"""Score every method's edit of every item, and the per-image CSV the reference writes.
+"""Score every method's edit of every item into a ScoreTable (table.py).
 
 For each item the source photo, its mask and the source-only values (CLIP of the source, DINO
 self-similarity of the source) are computed once, then each method's edit is read from the runs
 folder (layout.py) and scored with the chosen metrics (metrics.py for names and NaN rules).
-
-CSV (cure-lab/PnPInversion evaluation/evaluate.py): a header `file_id, <method>|<metric>, ...`,
-then one row per item in the mapping file's order. NaN is written "nan" as the reference does; a
-cell left empty means "not scored" (no edit for that method, left out with --skip-bad).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from torch import Tensor
@@ -28,11 +23,10 @@ from evaluation.pie.layout import find_edit, read_edit
 from evaluation.pie.metrics import METRICS, kept_pixels
 from evaluation.pie.pixels import LpipsNetwork, lpips, mse, psnr, ssim
 from evaluation.pie.structure import StructureDistance
+from evaluation.pie.table import Key, ScoreTable
 from ldm.errors import DataError, InveditError
-from ldm.files import atomic_path
 from ldm.image import read_rgb
 
-Key = tuple[str, str, str]  # (item id, method, metric)
 T = TypeVar("T")
 
 
@@ -44,21 +38,6 @@ class Scorers:
     structure: StructureDistance | None = None
     lpips: LpipsNetwork | None = None
     device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class ScoreTable:
-    methods: tuple[str, ...]
-    metrics: tuple[str, ...]
-    ids: tuple[str, ...]
-    values: Mapping[Key, float | None] = field(default_factory=dict)  # None: not scored
-
-    def value(self, item_id: str, method: str, metric: str) -> float | None:
-        return self.values.get((item_id, method, metric))
-
-    def columns(self) -> list[tuple[str, str]]:
-        """(method, metric) in the reference's column order: methods outer, metrics inner."""
-        return [(method, metric) for method in self.methods for metric in self.metrics]
 
 
 @dataclass(frozen=True)
@@ -152,55 +131,3 @@ def score_runs(
             for metric in metrics:
                 values[(item.id, method, metric)] = _edit_metric(scorers, source, edit, metric)
     return ScoreTable(tuple(methods), tuple(metrics), tuple(item.id for item in items), values), skipped
-
-
-def _cell(value: float | None) -> str:
-    if value is None:
-        return ""
-    return "nan" if math.isnan(value) else repr(float(value))
-
-
-def write_scores_csv(path: str | os.PathLike[str], table: ScoreTable) -> None:
-    """The reference's per-image CSV, written atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file_id"] + [f"{method}|{metric}" for method, metric in table.columns()])
-            for item_id in table.ids:
-                writer.writerow([item_id] + [_cell(table.value(item_id, m, k)) for m, k in table.columns()])
-
-
-def read_scores_csv(path: str | os.PathLike[str]) -> ScoreTable:
-    """A per-image CSV (ours or the reference's) back into a table."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no scores file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or not rows[0] or rows[0][0] != "file_id":
-        raise DataError(f"{path}: not a scores CSV (expected a header starting with file_id)")
-    columns: list[tuple[str, str]] = []
-    for name in rows[0][1:]:
-        method, bar, metric = name.rpartition("|")
-        if not bar or not method:
-            raise DataError(f"{path}: column {name!r} is not <method>|<metric>")
-        columns.append((method, metric))
-    values: dict[Key, float | None] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if len(row) != len(columns) + 1:
-            raise DataError(f"{path}: line {n} has {len(row)} cells, the header {len(columns) + 1}")
-        for (method, metric), text in zip(columns, row[1:]):
-            try:
-                values[(row[0], method, metric)] = float(text) if text else None
-            except ValueError:
-                raise DataError(f"{path}: line {n}: {text!r} is not a number") from None
-    return ScoreTable(
-        tuple(dict.fromkeys(m for m, _ in columns)), tuple(dict.fromkeys(k for _, k in columns)),
-        tuple(row[0] for row in rows[1:]), values,
-    )
-
-
-def valid_values(table: ScoreTable, method: str, metric: str, ids: Iterable[str]) -> list[float]:
-    """The scored, non-NaN values of one column over `ids` (NaN and unscored cells excluded)."""
-    found = (table.value(i, method, metric) for i in ids)
-    return [v for v in found if v is not None and not math.isnan(v)]

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 from evaluation.pie.dataset import EDITING_TYPES, PieItem
 from evaluation.pie.metrics import METRICS
-from evaluation.pie.scores import ScoreTable, valid_values
+from evaluation.pie.table import ScoreTable, valid_values
 from ldm.files import atomic_path
 
 
