@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -130,10 +131,11 @@ def test_summary_means_exclude_nan_and_count_valid_items(scored: Path):
     assert nine[s_header.index("psnr_unedit_part")] == "nan" and nine[s_header.index("psnr_unedit_part_n")] == "0"
 
 
-def test_run_record_keeps_the_settings(scored: Path):
+def test_run_record_keeps_the_settings(scored: Path, bench):
     record = json.loads(scored.with_suffix(".json").read_text())
     assert record["command"] == "eval score"
     assert record["structure"]["antialias"] is False
+    assert record["weights"] == {"clip": str(bench["clip"]), "dino": str(bench["dino"])}
     assert record["methods"] == ["copy", "jpeg-copy", "paint"] and record["items"] == 4
 
 
@@ -148,6 +150,20 @@ def test_a_missing_edit_names_the_item_and_method_and_skip_bad_leaves_it_empty(b
     assert table.value("111000000000", "m", "mse_unedit_part") == 0.0
     assert table.value("211000000001", "m", "mse_unedit_part") is None
     assert len(skipped) == 1 and "item 211000000001, m: no edit" in skipped[0]
+
+
+def test_skip_bad_logs_and_leaves_out_a_malformed_entry(bench, tmp_path: Path, capsys):
+    root = Path(shutil.copytree(bench["root"], tmp_path / "data"))
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    mapping["211000000001"]["mask"] = [1, 2, 3]
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    common = ["--data", str(root), "--runs", str(bench["runs"]), "--methods", "copy", "--metrics", "mse_unedit_part",
+              "-o", str(tmp_path / "s.csv"), "--no-progress"]
+    with pytest.raises(DataError, match="item 211000000001: mask has 3 numbers"):
+        score_command.run(parse(*common))
+    assert score_command.run(parse(*common, "--skip-bad")) == 0
+    assert "skipped: mapping_file.json: item 211000000001: mask has 3 numbers" in capsys.readouterr().err
+    assert [row[0] for row in read_csv(tmp_path / "s.csv")[1:]] == ["000000000000", "111000000000", "911000000000"]
 
 
 def test_an_edit_of_the_wrong_size_is_refused(bench, tmp_path: Path):

@@ -89,6 +89,16 @@ def load_scorers(metrics: tuple[str, ...], args: argparse.Namespace) -> Scorers:
     return Scorers(clip=clip, structure=structure, lpips=lpips, device=args.device)
 
 
+def weights_used(metrics: tuple[str, ...], args: argparse.Namespace) -> dict[str, str]:
+    """network -> the folder, file or hub id it was loaded from, for the run record."""
+    from evaluation.pie.networks import CLIP_DEFAULT, DINO_DEFAULT, squeezenet_path
+
+    needed = {METRICS[m].network for m in metrics}
+    sources = {"clip": lambda: args.clip or CLIP_DEFAULT, "dino": lambda: args.dino or DINO_DEFAULT,
+               "lpips": lambda: str(squeezenet_path(args.lpips))}
+    return {name: source() for name, source in sources.items() if name in needed}
+
+
 def run(args: argparse.Namespace) -> int:
     require("torchmetrics", command="eval score")
     from evaluation.pie.scores import score_runs
@@ -97,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = check_metrics(args.metrics)
     check_types(args.types)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here; pass --device cpu")
     output = Path(args.output)
     if output.suffix.lower() != ".csv":
         raise UsageError(f"--output {output}: expected a .csv file name")
@@ -121,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     params = {k: v for k, v in vars(args).items() if k != "func"}
     record = run_record(
         "eval score", params, timer.as_dict(),
-        structure=asdict(StructureSettings(antialias=args.dino_antialias)), methods=methods, items=len(data.items),
+        structure=asdict(StructureSettings(antialias=args.dino_antialias)), weights=weights_used(metrics, args),
+        methods=methods, items=len(data.items),
         skipped=list(data.skipped) + skipped, files={"scores": str(output), "summary": str(summary_path)},
     )
     write_run_json(output.with_suffix(".json"), record)
