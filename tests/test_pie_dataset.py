@@ -135,6 +135,13 @@ def test_malformed_entry_is_one_line_naming_the_item(root: Path, changes, reason
     assert "\n" not in message
 
 
+def test_entries_of_other_types_are_not_checked(root: Path):
+    corrupt(root, "111000000000", mask=[1, 2, 3])
+    assert [i.id for i in load_dataset(root, types=["0", "9"]).items] == ["000000000000", "911000000000"]
+    with pytest.raises(DataError, match="item 111000000000"):
+        load_dataset(root, types=["1"])
+
+
 def test_skip_bad_leaves_out_the_bad_items_and_says_which(root: Path):
     corrupt(root, "111000000000", mask=[1, 2, 3])
     (root / "annotation_images" / ENTRIES["211000000001"][0]).unlink()

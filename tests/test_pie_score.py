@@ -200,3 +200,32 @@ def test_bad_options_are_usage_errors(bench, tmp_path: Path):
     with pytest.raises(DataError, match="no such runs folder"):
         score_command.run(parse("--data", str(bench["root"]), "--runs", str(tmp_path / "none"), "-o", str(tmp_path / "s.csv"),
                                 "--metrics", "mse_unedit_part"))
+
+
+def test_ti2i_set_scores_and_reports_through_its_own_output_names(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from evaluation.pie import report_command
+
+    root = tmp_path / "data"
+    folder = root / "annotation_images" / "ti2i_benchmark" / "wild-ti2i" / "data"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (512, 512), (90, 90, 90)).save(folder / "horse.jpg")
+    rel = "data/annotation_images/ti2i_benchmark/wild-ti2i/data/horse.jpg"
+    mapping = {key: {"image_path": rel, "original_prompt": "", "editing_prompt": prompt}
+               for key, prompt in (("3", "a bronze horse"), ("4", "a pink horse"))}
+    (root / "mapping_file_ti2i_benchmark.json").write_text(json.dumps(mapping))
+    runs = tmp_path / "runs"
+    for item, value in zip(load_dataset(root, "ti2i").items, (10, 240)):
+        write_edit(edit_path(runs, "m", item), np.full((512, 512, 3), value, np.uint8))
+    assert sorted(p.name for p in (runs / "m" / "annotation_images" / "ti2i_benchmark" / "wild-ti2i" / "data").iterdir()) \
+        == ["horse_3.png", "horse_4.png"]
+    out = tmp_path / "s.csv"
+    assert score_command.run(parse("--data", str(root), "--set", "ti2i", "--runs", str(runs), "--metrics",
+                                   "mse_unedit_part", "-o", str(out), "--no-progress")) == 0
+    assert read_csv(out)[1:] == [["3", "nan"], ["4", "nan"]]  # no mask, no background
+    parser = argparse.ArgumentParser()
+    report_command.add_arguments(parser)
+    report_command.run(parser.parse_args(["--scores", str(out), "--data", str(root), "--set", "ti2i",
+                                          "--runs", str(runs), "-o", str(tmp_path / "r"), "--thumbnail", "32"]))
+    sheet = np.asarray(Image.open(tmp_path / "r" / "contact_all.png").convert("RGB"))
+    assert tuple(sheet[16, 32 + 4 + 16]) == (10, 10, 10)  # first row: item 3's edit beside its source

@@ -18,7 +18,8 @@ Blend words are `blended_word.split(" ")`, the first two used, as run_editing_p2
 
 A missing root or an unreadable mapping file is a DataError. A malformed entry (a missing or
 mistyped field, a missing image, an undecodable mask, a path leaving the folder) is a DataError
-naming the item, or with skip_bad=True a line in `Dataset.skipped` and the item left out.
+naming the item, or with skip_bad=True a line in `Dataset.skipped` and the item left out. With a
+types filter, entries of other types are passed over unread, as the reference's loop does.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def load_dataset(
     items: list[PieItem] = []
     skipped: list[str] = []
     for key, entry in entries.items():
+        if wanted is not None and isinstance(entry, dict) and entry.get("editing_type_id") not in wanted:
+            continue  # like the reference, entries of other types are not read, so not checked
         try:
             item = _item(root, kind, key, entry)
         except DataError as err:
@@ -126,8 +129,7 @@ def load_dataset(
                 raise DataError(f"{message} (--skip-bad leaves such items out)") from None
             skipped.append(message)
             continue
-        if wanted is None or item.editing_type in wanted:
-            items.append(item)
+        items.append(item)
     return Dataset(root, kind, tuple(items), tuple(skipped))
 
 
