@@ -24,3 +24,7 @@ class PromptError(InveditError):
 
 class UsageError(InveditError):
     """Bad option values or combinations."""
+
+
+class DataError(InveditError):
+    """Missing or malformed benchmark data: a root, a mapping file, an entry, an image or a mask."""

@@ -1,0 +1,11 @@
+"""PIE-Bench: read the benchmark, lay out and find a run's edits, score them with the reference's
+seven metrics, and report the scores beside the published Table 1 (docs/evaluation.md).
+
+- dataset.py, masks.py: the mapping file as PieItems (prompts, type, blend words, decoded mask).
+- layout.py: RUNS/<method>/annotation_images/<path>, PNG or the reference's JPEG; shared by the
+  runner that writes edits and the scorer that reads them.
+- metrics.py (names, scales, NaN rules), pixels.py, structure.py, clip.py, networks.py (offline
+  weights), scores.py (items x methods -> table.py's ScoreTable and CSV), summary.py (means).
+- report.py with plot.py, contact.py and reference.py (Table 1).
+- score_command.py, report_command.py: `invedit eval score` / `eval report` (add_arguments, run).
+"""
