@@ -43,6 +43,8 @@ def diffusers_unet(cfg: UNetConfig):
         attention_head_dim=cfg.num_heads,  # diffusers' legacy name for the head count
         cross_attention_dim=cfg.context_dim,
         norm_num_groups=cfg.norm_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
     )
 
 
@@ -207,13 +209,13 @@ def test_sd14_attention_sites():
     assert blocks == expected
 
 
-def full_size_pair(name: str):
-    """One full SD-1.4 network of ours and its diffusers twin, sharing random fp32 weights."""
+def full_size_pair(name: str, config: SDConfig = SD14):
+    """One full-size network of ours and its diffusers twin, sharing random fp32 weights."""
     generator = torch.Generator().manual_seed(0)
-    ours = build_networks(SD14)[name]
+    ours = build_networks(config)[name]
     ours.load_state_dict(random_state_dict(ours, generator, torch.float32), assign=True)
     with torch.device("meta"):
-        ref = {"unet": diffusers_unet, "vae": diffusers_vae, "text": transformers_clip}[name](getattr(SD14, name))
+        ref = {"unet": diffusers_unet, "vae": diffusers_vae, "text": transformers_clip}[name](getattr(config, name))
     convert = {"unet": to_diffusers_unet, "vae": to_diffusers_vae, "text": to_transformers_clip}[name]
     mapped = convert(ours.state_dict(), ref)
     ref.load_state_dict(mapped, strict=False, assign=True)
