@@ -82,7 +82,7 @@ def test_wrong_family_config_is_refused(tiny, tmp_path):
     config = json.loads((directory / "config.json").read_text())
     config["unet"]["num_heads"] = [3, 3, 3, 3]  # 32 channels do not split into 3 heads
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match="not a valid SD-1 config"):
+    with pytest.raises(WeightsError, match="not a valid invedit model config"):
         StableDiffusion.load(directory)
 
 
