@@ -185,8 +185,7 @@ class Tokenizer:
         for prompt in prompts:
             ids = self.content_ids(prompt)
             if len(ids) > MAX_CONTENT_TOKENS:
-                raise PromptError(
-                    f"prompt has {len(ids)} tokens, more than the {MAX_CONTENT_TOKENS} the text encoder can read: {prompt!r}"
-                )
+                limit = f"more than the {MAX_CONTENT_TOKENS} the text encoder can read"
+                raise PromptError(f"prompt has {len(ids)} tokens, {limit}: {prompt!r}")
             rows.append([BOS, *ids, EOS] + [self.pad_id] * (MAX_CONTENT_TOKENS - len(ids)))
         return torch.tensor(rows, dtype=torch.long)

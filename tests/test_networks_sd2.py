@@ -61,9 +61,8 @@ def test_sd2_presets_keep_the_sd1_vae_and_differ_only_where_sd2_does():
     for config in (SD20_BASE, SD20_V, SD21_BASE, SD21_V):
         assert config.vae == SD14.vae
     assert TINY_SD2.vae == TINY.vae
-    assert {f.name for f in dataclasses.fields(UNetConfig) if getattr(SD21_V.unet, f.name) != getattr(SD14.unet, f.name)} == {
-        "num_heads", "context_dim", "use_linear_projection", "upcast_attention", "prediction_type"
-    }  # fmt: skip
+    changed = {f.name for f in dataclasses.fields(UNetConfig) if getattr(SD21_V.unet, f.name) != getattr(SD14.unet, f.name)}
+    assert changed == {"num_heads", "context_dim", "use_linear_projection", "upcast_attention", "prediction_type"}
     assert SD21_V.unet.num_heads == (5, 10, 20, 20) and SD20_BASE.unet.prediction_type == "epsilon"
     assert (SD20_V.unet.prediction_type, SD20_V.unet.upcast_attention) == ("v_prediction", False)
 
@@ -124,7 +123,8 @@ def test_sd21_networks_have_diffusers_names_shapes_and_parameter_counts():
     with torch.device("meta"):
         ref_unet, ref_text = diffusers_unet(SD21_V.unet), transformers_clip(SD21_V.text)
     mapped = to_diffusers_unet(nets["unet"].state_dict(), ref_unet)
-    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ref_unet.state_dict().items()}
+    ref_unet_shapes = {k: tuple(v.shape) for k, v in ref_unet.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == ref_unet_shapes
     text = to_transformers_clip(nets["text"].state_dict(), ref_text)
     ref_shapes = {k: tuple(v.shape) for k, v in ref_text.state_dict().items() if not k.endswith("position_ids")}
     assert {k: tuple(v.shape) for k, v in text.items()} == ref_shapes
