@@ -4,7 +4,7 @@ The runtime tokenizer is transformers' `CLIPTokenizer`, fed either from a tokeni
 format transformers writes (`vocab.json` + `merges.txt` with `special_tokens_map.json` /
 `tokenizer_config.json` / `added_tokens.json`, or `tokenizer.json`, the only vocabulary file
 transformers 5 saves), or from the CLIP BPE merge list bundled in ldm/data (MIT licence beside it),
-from which vocab.json and merges.txt are derived deterministically (WEIGHTS.md §5.3): the 256 byte
+from which vocab.json and merges.txt are derived deterministically: the 256 byte
 symbols, the same with `</w>`, one entry per merge, then the two specials.
 
 The padding token is the one thing SD-1 and SD-2 tokenize differently: SD-1 was trained with EOS

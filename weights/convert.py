@@ -1,9 +1,9 @@
 """`invedit convert`: turn an SD-1.x / SD-2.x checkpoint in any real-world layout into our directory.
 
-Inputs (WEIGHTS.md §2, §3): a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`,
+Inputs: a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`,
 `tokenizer/`, `scheduler/`; .safetensors or .bin, optional .fp16 variants), or a single
 original-layout file (the CompVis / Stability Lightning `.ckpt`, or a `.safetensors` with the same
-keys; SD-2's text encoder in OpenCLIP's layout). Output (DESIGN.md §8): `unet.safetensors`,
+keys; SD-2's text encoder in OpenCLIP's layout). Output (what ldm/model.py loads): `unet.safetensors`,
 `vae.safetensors`, `text.safetensors`, `config.json` (SDConfig.to_dict(), including the prediction
 type decided by weights/prediction.py and the padding token) and `tokenizer/`: a diffusers folder's
 own tokenizer files, copied as they are (any format transformers writes; a folder without them is

@@ -4,7 +4,7 @@ Two families are converted, told apart by their text tower: SD-1.x (OpenAI CLIP 
 `cond_stage_model.transformer.`, quick-GELU) and SD-2.x (OpenCLIP ViT-H/14, keys
 `cond_stage_model.model.`, GELU). Anything else (SDXL, SD-1/SD-2 inpainting, SD-2 depth-to-image,
 the x4 upscaler, unCLIP, a VAE-only or LoRA file, ...) is refused with one line saying what was
-found and what was expected (WEIGHTS.md §2.1, §7). diffusers' `attention_head_dim` is the head
+found and what was expected. diffusers' `attention_head_dim` is the head
 *count* in SD-1/SD-2 configs, a known misnomer; `num_attention_heads` takes precedence when set.
 """
 
