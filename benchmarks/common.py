@@ -1,19 +1,22 @@
-"""Shared measurement helpers for the benchmarks: timing by median, device naming, result files.
+"""Shared helpers of the benchmarks: timing by median, device and version naming, result files.
 
-Conventions (PERFORMANCE.md §6): warm-up runs first, then the median of the timed repeats; on CUDA
-every measurement is synchronised and peak memory is read after a reset of the peak counter.
+Conventions (docs/performance.md): warm-up runs first, then the median of the timed repeats; on
+CUDA every measurement is synchronised and peak memory is read after a reset of the peak counter.
+Result files are written atomically into the directory the user names (`--out`).
 """
 
 from __future__ import annotations
 
-import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ldm.files import write_bytes, write_json
 
 
 def device_name(device: torch.device) -> str:
@@ -23,7 +26,15 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """A device name as a file-name part: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions() -> dict[str, str]:
+    """The software a result was measured with."""
+    import triton  # not at module level: the UNet benchmark also runs where Triton is absent
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
 
 
 def sync(device: torch.device) -> None:
@@ -49,10 +60,10 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
 
 
 def write_results(directory: Path, stem: str, payload: dict, table: str) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write directory/stem.json and directory/stem.md, each atomically."""
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(table + "\n")
+    write_json(json_path, payload)
+    write_bytes(md_path, (table + "\n").encode())
     return json_path, md_path
 
 

@@ -1,13 +1,14 @@
-"""UNet step benchmark (PERFORMANCE.md §6 metric 3): one UNet call on 1, 2 and 4 rows, ours
+"""UNet step benchmark (docs/performance.md): one UNet call on 1, 2 and 4 rows, ours
 against diffusers' UNet2DConditionModel with the same weights, and the 4-row editing step with a
 Prompt-to-Prompt-style self-attention replacement done both ways: ours through the fused
 row-gathering attention, the reference's way by materialising every attention map
 (softmax(QK^T) per head, then the target's map replaced by the source's, then a batched matmul).
 
     python benchmarks/unet_bench.py                       # CPU: SD-1.4 widths at 256 px
-    python benchmarks/unet_bench.py --device cuda --dtype fp16 --size 512
+    python benchmarks/unet_bench.py --device cuda --dtype fp16 --size 512 --out results/
 
-Prints a table and writes benchmarks/results/unet-<device>.{json,md}. Outputs of the two
+Prints a table and writes unet-<config>-<size>px-<device>.{json,md} into --out (default: the
+current directory; benchmarks/results/ holds the runs this repository records). Outputs of the two
 implementations are compared before timing (a faster step that computes something else is no win).
 """
 
@@ -21,26 +22,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.commands import add_out_option  # noqa: E402
 from benchmarks.common import device_name, markdown_table, measure, slug, write_results  # noqa: E402
 from kernels.attention import fused_attention, fused_attention_rows  # noqa: E402
 from ldm.config import SD14, TINY  # noqa: E402
-from ldm.context import AttnContext, BatchLayout, NoControl  # noqa: E402
+from control.base import ControllerBase  # noqa: E402
+from ldm.context import AttnContext, BatchLayout, RunInfo  # noqa: E402
 from ldm.model import build_networks, random_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class SelfReplace(NoControl):
+class SelfReplace(ControllerBase):
     """P2P's self-attention replacement on the conditional target row, the fused way."""
+
+    def start(self, run: RunInfo) -> None:
+        rows = list(range(len(run.layout)))
+        src, tgt = run.layout.index("source", "cond"), run.layout.index("target", "cond")
+        qk = [src if i == tgt else i for i in rows]
+        self.rows = (run.row_index(qk), run.row_index(qk), run.row_index(rows))
 
     def attend(self, q, k, v, site, ctx):
         if site.kind != "self" or q.shape[2] > 1024:
-            return fused_attention(q, k, v)
-        rows = list(range(q.shape[0]))
-        src, tgt = ctx.layout.index("source", "cond"), ctx.layout.index("target", "cond")
-        q_rows, k_rows = rows[:], rows[:]
-        q_rows[tgt], k_rows[tgt] = src, src
-        return fused_attention_rows(q, k, v, q_rows, k_rows, rows)
+            return None
+        return fused_attention_rows(q, k, v, *self.rows)
 
 
 class MaterialisingProcessor:
@@ -86,14 +91,24 @@ def diffusers_unet_like(ours_cfg, state):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--config", choices=["sd14", "tiny"], default="sd14")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 CUDA, 256 CPU)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights and inputs (default: fp16 on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--config", choices=["sd14", "tiny"], default="sd14", help="UNet widths, random weights (default: %(default)s)"
+    )
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512 on CUDA, 256 on CPU)")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[1, 2, 4], help="batch rows per timed call (default: 1 2 4)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls, the median is reported (default: 20 on CUDA, 3 on CPU)"
+    )
+    add_out_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -125,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if 4 in args.rows:
             layout = BatchLayout.cfg()
             controller = SelfReplace()
-            ctx = AttnContext(0, 501, 50, layout, controller)
+            controller.start(RunInfo(layout, 50, torch.device(device), (side, side)))
+            ctx = AttnContext(0, 501, 50, layout, (controller,))
             x = torch.randn(4, 4, side, side, generator=g).to(device, dtype)
             c = torch.randn(4, 77, config.unet.context_dim, generator=g).to(device, dtype)
             t = torch.full((4,), 501, device=device)

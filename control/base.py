@@ -1,6 +1,6 @@
 """What the editing controllers share: step windows, site selection, row helpers, cross-attention maps.
 
-DESIGN.md §5: a controller decides per `AttnSite` (static) and per `ctx.step` which rows' Q/K/V
+docs/architecture.md "The controller contract": a controller decides per `AttnSite` (static) and per `ctx.step` which rows' Q/K/V
 feed which output row. Self-attention rules go through `fused_attention_rows` and never build a
 probability map; `attention_probs` is only for cross-attention (N x 77), the maps P2P edits and
 LocalBlend reads. Rules the references state at 512 px ("<= 32x32", "16x16") are expressed by
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.context import AttnSite, NoControl, Place, ResSite
+from ldm.context import AttnContext, AttnSite, Place, ResSite, RunInfo
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,16 @@ class StepWindow:
 
     def __contains__(self, step: int) -> bool:
         return self.start <= step < self.end
+
+
+def parse_window(text: str) -> float | tuple[float, float]:
+    """A step window from the command line: "END" (from the start) or "START:END", fractions of the run."""
+    bounds = [float(v) for v in text.split(":")]
+    if len(bounds) == 1:
+        return bounds[0]
+    if len(bounds) == 2:
+        return bounds[0], bounds[1]
+    raise ValueError("expected END or START:END, fractions of the run, e.g. 0.4 or 0.2:0.6")
 
 
 @dataclass(frozen=True)
@@ -66,16 +76,33 @@ def replace_rows(out: Tensor, new: dict[int, Tensor]) -> Tensor:
     return torch.stack([new[i].to(out.dtype) if i in new else out[i] for i in range(out.shape[0])])
 
 
-class ControllerBase(NoControl):
-    """Plain attention and untouched features (NoControl), plus the record of which sites a
-    controller edited.
+class ControllerBase:
+    """The no-op default of every Controller method (ldm/context.py), plus the record of which
+    sites a controller edited.
 
-    `touched` is a report for users and tests (the references' commonest silent failure is an edit
-    that changes nothing); decisions never depend on it.
+    `attend` returns None (leave the call to the next controller, or plain attention), `features`
+    and `end_step` return their input. `touched` is a report for users and tests (the references'
+    commonest silent failure is an edit that changes nothing); decisions never depend on it.
+    Subclasses that keep state clear it in `start`, calling `super().start(run)`.
     """
 
     def __init__(self) -> None:
         self.touched: set[tuple[str, int, str]] = set()
+
+    def start(self, run: RunInfo) -> None:
+        self.touched.clear()
+
+    def begin_step(self, ctx: AttnContext) -> None:
+        pass
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor | None:
+        return None
+
+    def features(self, h: Tensor, site: ResSite, ctx: AttnContext) -> Tensor:
+        return h
+
+    def end_step(self, ctx: AttnContext, latents: Tensor) -> Tensor:
+        return latents
 
     def _touch(self, site: AttnSite | ResSite) -> None:
         kind = site.kind if isinstance(site, AttnSite) else "res"
@@ -84,6 +111,3 @@ class ControllerBase(NoControl):
     @property
     def sites_touched(self) -> int:
         return len(self.touched)
-
-    def reset(self) -> None:
-        self.touched.clear()

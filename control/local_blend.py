@@ -1,6 +1,6 @@
 """LocalBlend: keep the source latent outside the region the edited words attend to.
 
-ALGORITHMS.md part B §3.8 (Prompt-to-Prompt, Hertz et al. 2022, §3.2 "local editing"), with the
+docs/methods.md "LocalBlend" (Prompt-to-Prompt, Hertz et al. 2022, §3.2 "local editing"), with the
 PIE-Bench defaults (start 0.2, thresholds 0.3/0.3). The cross-attention maps of the conditional
 source and target rows at the level that is 16x16 at 512 px (down and up blocks, as the
 reference's `down_cross[2:4] + up_cross[:3]`) are summed over heads, layers and all steps so far;
@@ -63,6 +63,7 @@ class LocalBlend:
         new_tgt = x_src + mask * (x_tgt - x_src)
         return torch.stack([new_tgt if i == tgt else latents[i] for i in range(latents.shape[0])])
 
-    def reset(self) -> None:
+    def start(self) -> None:
+        """Forget the maps of an earlier run."""
         self._sum = None
         self._maps_per_step.clear()

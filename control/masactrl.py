@@ -1,20 +1,29 @@
 """MasaCtrl: mutual self-attention control (Cao et al. 2023, §4.2, eq. 4) as PIE-Bench runs it.
 
-ALGORITHMS.md part B §4.2-§4.3, §6.1. From step `start_step` on, in the self-attention of every
-transformer block numbered `start_layer` or later (the reference's layer index: blocks in execution
-order, which is image-size independent; 10..15 are the decoder's 32x32 and 64x64 blocks of SD-1.4),
+docs/methods.md "MasaCtrl". From step `start_step` on, in the self-attention of every transformer
+block numbered `start_layer` or later (the reference's layer index: blocks in execution order,
+which is image-size independent; 10..15 are the decoder's 32x32 and 64x64 blocks of SD-1.4),
 each target row queries the keys and values of the source row of the same CFG half:
 O_tgt = attention(Q_tgt, K_src, V_src). Source rows and cross-attention are untouched. One fused
 call with gathered rows; the 4096 x 4096 map is never built.
+
+As in the reference, the source branch and the inversion use the empty prompt unless
+`--masactrl-source-prompt` asks for the source prompt.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from control.base import ControllerBase
-from kernels.attention import fused_attention, fused_attention_rows
-from ldm.context import AttnContext, AttnSite
+from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from kernels.attention import fused_attention_rows
+from ldm.context import AttnContext, AttnSite, BatchLayout, Row, RunInfo
+from ldm.model import ModelFacts
+from samplers.guidance import ClassifierFree
+from samplers.settings import Alias, Settings, setting
 
 
 class MutualSelfAttention(ControllerBase):
@@ -23,16 +32,48 @@ class MutualSelfAttention(ControllerBase):
         self.start_step = start_step
         self.start_layer = start_layer
 
+    def start(self, run: RunInfo) -> None:
+        super().start(run)
+        layout = run.layout
+        rows = list(range(len(layout)))
+        kv = rows.copy()
+        for branch in ("uncond", "cond"):
+            if layout.has("target", branch):
+                kv[layout.index("target", branch)] = layout.index("source", branch)
+        self.rows = (run.row_index(rows), run.row_index(kv), run.row_index(kv))  # Q own, K and V of the source
+
     def active(self, site: AttnSite, step: int) -> bool:
         return site.kind == "self" and step >= self.start_step and site.index >= self.start_layer
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor | None:
         if not self.active(site, ctx.step):
-            return fused_attention(q, k, v)
+            return None
         self._touch(site)
-        rows = list(range(q.shape[0]))
-        kv_rows = rows.copy()
-        for branch in ("uncond", "cond"):
-            if ctx.layout.has("target", branch):
-                kv_rows[ctx.layout.index("target", branch)] = ctx.layout.index("source", branch)
-        return fused_attention_rows(q, k, v, rows, kv_rows, kv_rows)
+        return fused_attention_rows(q, k, v, *self.rows)
+
+
+@dataclass(frozen=True)
+class MasaCtrlSettings(Settings):
+    start_step: int = setting(4, "first denoising step with mutual self-attention", flag="--masactrl-step", low=0)
+    start_layer: int = setting(10, "first transformer block (execution order) with mutual self-attention",
+                               flag="--masactrl-layer", low=0)
+    source_prompt: bool = setting(False, "invert and denoise the source branch with --source instead of the empty "
+                                  "prompt (the reference uses \"\")", flag="--masactrl-source-prompt")
+
+
+def plan_masactrl(facts: ModelFacts, prompts: EditPrompts, settings: MasaCtrlSettings, sampling: Sampling) -> EditPlan:
+    source = prompts.source if settings.source_prompt else ""
+    texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
+             Row("source", "cond"): source, Row("target", "cond"): prompts.target}
+    controller = MutualSelfAttention(settings.start_step, settings.start_layer)
+    return EditPlan(BatchLayout.cfg(), texts, source, ClassifierFree(sampling.guidance), (controller,))
+
+
+METHOD = EditMethod(
+    name="masactrl",
+    summary="MasaCtrl: target queries attend to the source's keys and values (self-attention, late blocks, "
+            "from step 4)",
+    settings=MasaCtrlSettings,
+    plan=plan_masactrl,
+    aliases=(Alias("mutual-self-attention"),),
+)

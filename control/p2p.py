@@ -1,17 +1,19 @@
 """Prompt-to-Prompt (Hertz et al. 2022, §3.2 eq. for Edit(M_t, M*_t, t)) as PIE-Bench runs it.
 
-ALGORITHMS.md part B §3.3-§3.7 and §6.4. Rows u_src, u_tgt, c_src, c_tgt (named through the
-layout); only the conditional target row is edited:
+docs/methods.md "Prompt-to-Prompt". Rows u_src, u_tgt, c_src, c_tgt (named through the layout);
+only the conditional target row is edited:
 
 - self-attention, steps in the self window, levels that are <= 32x32 at 512 px:
   O_tgt = attention(Q_src, K_src, V_tgt), which is "A_tgt := A_src" without building A
-  (fused_attention_rows; §6.1);
+  (fused_attention_rows);
 - cross-attention, every step: A'_tgt = alpha_i * F(A_src, A_tgt) + (1 - alpha_i) * A_tgt, not
   renormalised, O_tgt = A'_tgt V_tgt, with alpha_i the per-token cross-replace schedule and F
   one of the maps below (refine: aligned source columns; replace: source columns through the
   77x77 mapper; reweight: an equalizer on top of refine). Cross maps are N x 77, small.
 
-Steps are the loop's `ctx.step`; nothing is counted.
+Steps are the loop's `ctx.step`; nothing is counted. The method (`METHOD`, names "p2p",
+"p2p-replace", "proximal-guidance") also carries ProxEdit's proximal guidance as an option, since
+the reference uses it with P2P only.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import Mapping, Protocol
 import torch
 from torch import Tensor
 
-from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, replace_rows
+from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, parse_window, replace_rows
 from control.local_blend import LocalBlend
+from control.method import EditMethod, EditPlan, EditPrompts, Sampling
 from control.words import (
     Bounds,
     cross_replace_schedule,
@@ -33,8 +36,13 @@ from control.words import (
     require_word,
 )
 from kernels.attention import fused_attention, fused_attention_rows
-from ldm.context import AttnContext, AttnSite
+from ldm.context import AttnContext, AttnSite, BatchLayout, Row, RunInfo
+from ldm.errors import UsageError
+from ldm.model import ModelFacts
 from ldm.tokenizer import MAX_LENGTH, Tokenizer
+from samplers.guidance import ClassifierFree, Guidance
+from samplers.prox import Proximal
+from samplers.settings import Alias, Settings, setting
 
 
 class CrossEdit(Protocol):
@@ -91,33 +99,39 @@ class PromptToPrompt(ControllerBase):
     ) -> None:
         super().__init__()
         self.edit = edit
-        self.cross_alpha = cross_alpha  # (num_steps + 1, 77)
+        self.cross_alpha = cross_alpha  # (num_steps + 1, 77) on the CPU: decides without a device sync
         self.self_window = self_window
         self.self_rule = self_rule
         self.local_blend = local_blend
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor:
-        src = ctx.layout.index("source", "cond")
-        tgt = ctx.layout.index("target", "cond")
+    def start(self, run: RunInfo) -> None:
+        super().start(run)
+        layout = run.layout
+        self.src, self.tgt = layout.index("source", "cond"), layout.index("target", "cond")
+        rows = list(range(len(layout)))
+        qk = [self.src if i == self.tgt else i for i in rows]
+        self.self_rows = (run.row_index(qk), run.row_index(qk), run.row_index(rows))  # target reads Q, K of the source
+        self.alpha_device = self.cross_alpha.to(run.device)
+        if self.local_blend is not None:
+            self.local_blend.start()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor | None:
         if site.kind == "self":
             if ctx.step in self.self_window and self.self_rule.matches(site):
                 self._touch(site)
-                qk_rows = list(range(q.shape[0]))
-                qk_rows[tgt] = src
-                return fused_attention_rows(q, k, v, qk_rows, qk_rows, list(range(q.shape[0])))
-            return fused_attention(q, k, v)
-
-        alpha_cpu = self.cross_alpha[ctx.step]  # (77,) over target token columns
-        editing = bool(alpha_cpu.any())  # decided on the CPU copy: no device sync per call
-        alpha = alpha_cpu.to(q.device)
+                return fused_attention_rows(q, k, v, *self.self_rows)
+            return None
+        editing = bool(self.cross_alpha[ctx.step].any())  # decided on the CPU copy
         storing = self.local_blend is not None and self.local_blend.wants(site)
         if not (editing or storing):
-            return fused_attention(q, k, v)
+            return None
+        src, tgt = self.src, self.tgt
         out = fused_attention(q, k, v)
         a_src = attention_probs(q[src], k[src])  # (heads, N, 77)
         a_tgt = attention_probs(q[tgt], k[tgt])
         if editing:
             self._touch(site)
+            alpha = self.alpha_device[ctx.step]  # (77,) over target token columns
             a_tgt = self.edit(a_src, a_tgt) * alpha + (1 - alpha) * a_tgt
             out = replace_rows(out, {tgt: a_tgt @ v[tgt].float()})
         if storing:
@@ -132,25 +146,70 @@ class PromptToPrompt(ControllerBase):
             ctx.step, latents, ctx.layout.latent_index("source"), ctx.layout.latent_index("target")
         )
 
-    def reset(self) -> None:
-        super().reset()
-        if self.local_blend is not None:
-            self.local_blend.reset()
+
+def parse_blend(text: str) -> tuple[str, str] | None:
+    """"SOURCE_WORD TARGET_WORD" -> (source word, target word); an empty string (PIE-Bench's empty
+    blended_word) -> None."""
+    words = text.split()
+    if not words:
+        return None
+    if len(words) != 2:
+        raise ValueError("expected two words, the source word and the target word")
+    return words[0], words[1]
+
+
+def parse_word_value(item: str) -> tuple[str, float]:
+    """WORD=VALUE -> (word, value), e.g. cake=2."""
+    word, sep, value = item.rpartition("=")
+    if not (sep and word):
+        raise ValueError("expected WORD=VALUE, e.g. cake=2")
+    return word, float(value)
+
+
+def parse_word_window(item: str) -> tuple[str, tuple[float, float]]:
+    """WORD=END or WORD=START:END (fractions of the run) -> (word, (start, end))."""
+    word, sep, value = item.rpartition("=")
+    if not (sep and word):
+        raise ValueError("expected WORD=END or WORD=START:END, e.g. cake=0.2:0.6")
+    window = parse_window(value)
+    return word, (0.0, window) if isinstance(window, float) else window
 
 
 @dataclass(frozen=True)
-class P2PSettings:
-    """PIE-Bench's P2P defaults (ALGORITHMS.md B §3.2, §7)."""
+class P2PSettings(Settings):
+    """PIE-Bench's P2P defaults (docs/methods.md "Prompt-to-Prompt")."""
 
-    replace: bool = False  # PIE never passes is_replace_controller: refine for every edit
-    cross: Bounds | Mapping[str, Bounds] = 0.4
-    self_: Bounds = 0.6
-    blend: tuple[str, str] | None = None  # (source word, target word)
-    reweight: Mapping[str, float] | None = None  # target word -> weight; a blend implies {tgt: 2}
-    blend_start: float = 0.2
-    blend_threshold: float = 0.3
-    blend_level: int = 2  # 16x16 at 512 px
-    self_min_level: int = 1  # <= 32x32 at 512 px
+    cross: Bounds = setting(0.4, "fraction of the run (END or START:END) in which the target's cross-attention "
+                            "maps are replaced", parse=parse_window, metavar="END|START:END", low=0.0, high=1.0)
+    self_: Bounds = setting(0.6, "fraction of the run (END or START:END) in which the target's self-attention "
+                            "maps are the source's", flag="--self", parse=parse_window, metavar="END|START:END",
+                            low=0.0, high=1.0)
+    cross_words: Mapping[str, tuple[float, float]] | None = setting(
+        None, "a target word's own cross-attention window, overriding --cross for its tokens (repeatable)",
+        flag="--cross-word", parse=parse_word_window, repeat="dict", metavar="WORD=START:END", low=0.0, high=1.0)
+    blend: tuple[str, str] | None = setting(
+        None, "LocalBlend on the word pair \"SOURCE_WORD TARGET_WORD\"; also reweights the target word x2 "
+        "unless --reweight is given", parse=parse_blend, metavar="\"SRC TGT\"")
+    reweight: Mapping[str, float] | None = setting(
+        None, "scale a target word's cross-attention (repeatable)", parse=parse_word_value, repeat="dict",
+        metavar="WORD=VALUE")
+    replace: bool = setting(False, "the replace mapper (word swaps of equal word count) instead of refine")
+    prox: str | None = setting(None, "proximal guidance (ProxEdit): threshold the guidance direction, l0 or l1",
+                               choices=("l0", "l1"))
+    quantile: float = setting(0.75, "proximal guidance: the quantile of |eps_c - eps_u| used as threshold",
+                              low=0.0, high=1.0)
+    blend_start: float = setting(0.2, "LocalBlend starts after this fraction of the run", low=0.0, high=1.0)
+    blend_threshold: float = setting(0.3, "LocalBlend mask threshold on the max-normalised attention", low=0.0, high=1.0)
+    blend_level: int = setting(2, "UNet level whose cross-attention maps LocalBlend reads (2 = 16x16 at 512 px)", low=0)
+    self_min_level: int = setting(1, "self-attention replacement only at this level and coarser (1 = <= 32x32 at 512 px)",
+                                  low=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for flag, window in (("--cross", self.cross), ("--self", self.self_), *(
+                (f"--cross-word {w}", b) for w, b in (self.cross_words or {}).items())):
+            if isinstance(window, tuple) and window[0] > window[1]:
+                raise UsageError(f"{flag} {window[0]:g}:{window[1]:g}: the window starts after it ends")
 
 
 def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, settings: P2PSettings) -> PromptToPrompt:
@@ -174,10 +233,39 @@ def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, set
             cols.append(c)
         blend = LocalBlend(cols[0], cols[1], int(settings.blend_start * num_steps), settings.blend_threshold,
                            settings.blend_level)
+    cross: Bounds | dict[str, Bounds] = settings.cross
+    if settings.cross_words:
+        cross = {"default_": settings.cross, **settings.cross_words}
     return PromptToPrompt(
         edit,
-        cross_replace_schedule(tokenizer, target, num_steps, settings.cross),
+        cross_replace_schedule(tokenizer, target, num_steps, cross),
         StepWindow.of(settings.self_, num_steps),
         blend,
         SiteRule(kind="self", min_level=settings.self_min_level),
     )
+
+
+def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
+    """Plain CFG, or ProxEdit's proximal guidance when --prox is given."""
+    if settings.prox is None:
+        return ClassifierFree(scale)
+    return Proximal(scale, settings.quantile, settings.prox)  # type: ignore[arg-type]
+
+
+def plan_p2p(facts: ModelFacts, prompts: EditPrompts, settings: P2PSettings, sampling: Sampling) -> EditPlan:
+    """Rows [u_src, u_tgt, c_src, c_tgt] with texts ["", "", source, target]; invert with the source."""
+    controller = make_p2p(facts.tokenizer, prompts.source, prompts.target, sampling.steps, settings)
+    texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
+             Row("source", "cond"): prompts.source, Row("target", "cond"): prompts.target}
+    return EditPlan(BatchLayout.cfg(), texts, prompts.source, guidance_of(settings, sampling.guidance), (controller,))
+
+
+METHOD = EditMethod(
+    name="p2p",
+    summary="Prompt-to-Prompt: refine (or --replace) cross-attention, self-attention from the source, "
+            "optional LocalBlend / reweight / proximal guidance",
+    settings=P2PSettings,
+    plan=plan_p2p,
+    aliases=(Alias("p2p-refine"), Alias("p2p-replace", {"replace": True}), Alias("prompt-to-prompt"),
+             Alias("proximal-guidance", {"prox": "l0"})),
+)

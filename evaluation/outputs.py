@@ -1,106 +1,100 @@
-"""What a run writes, shared by `invedit reconstruct` and `invedit edit` (DESIGN.md §1, §9).
+"""The one scaffold for what a command writes: an output folder that appears whole or not at all.
 
-- `grid(images, captions)`: images side by side, each with its caption wrapped underneath.
-- `StageTimer`: wall-clock time per named stage, for run.json.
-- `run_record(command, params, timings, metrics, ...)` / `write_run_json`: run.json with every
-  parameter, the software versions and the timings.
-- `save_npy`: a tensor or array as float32 .npy; `save_png` (from ldm/image.py) for images.
-- `image_mse_psnr`: pixel MSE and PSNR of two uint8 images (the reconstruction figure).
-Every file is written atomically (ldm/files.py): a killed run leaves either nothing or whole files.
+`RunDirectory(path)` is checked when it is created, before any weight is loaded (a path that is a
+file, or a folder that cannot be written, is a one-line error). Files are written into a hidden
+staging folder beside it (`.NAME.partial-XXXX`); `commit(record)` writes run.json last and moves
+the staging folder into place, replacing an earlier run's folder only then. So a folder never
+mixes two runs and never describes a run it does not hold: a run killed at any moment leaves the
+earlier folder untouched (and a hidden staging folder, which is never read). `abandon()` removes
+the staging folder; the context manager abandons on an exception.
+
+run.json: the command, every parameter, the metrics, the timings, the input image's original size
+and hash, the software versions including the code's own (package version, and the git commit when
+run from a checkout), and the finishing time.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import secrets
+import shutil
+import subprocess
 import sys
-import textwrap
 import time
-from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from ldm.files import atomic_path, write_json
-from ldm.image import save_png
+from ldm.errors import UsageError
+from ldm.files import write_json
 
-__all__ = ["StageTimer", "grid", "image_mse_psnr", "run_record", "save_npy", "save_png", "versions", "write_run_json"]
-
-CAPTION_LINE = 14  # pixel height of one caption line with PIL's default bitmap font
-PAD = 4
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, pad: int = PAD) -> np.ndarray:
-    """Place (H, W, 3) uint8 images in one row on white, each caption wrapped below its image.
+class RunDirectory:
+    """The output folder of one command run, written as a whole (see the module docstring)."""
 
-    Images of different heights are top-aligned; captions start under the tallest one.
-    Returns (H', W', 3) uint8.
-    """
-    if not images:
-        raise ValueError("grid needs at least one image")
-    if captions is not None and len(captions) != len(images):
-        raise ValueError(f"{len(captions)} captions for {len(images)} images")
-    font = ImageFont.load_default()
-    widths = [im.shape[1] for im in images]
-    chars = [max(8, w // 7) for w in widths]  # the default font is about 6-7 px per character
-    wrapped = [textwrap.wrap(c, n) if c else [] for c, n in zip(captions or [""] * len(images), chars)]
-    text_h = max((len(lines) for lines in wrapped), default=0) * CAPTION_LINE
-    top = max(im.shape[0] for im in images)
-    height = top + (text_h + pad if text_h else 0)
-    width = sum(widths) + pad * (len(images) - 1)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for im, lines in zip(images, wrapped):
-        canvas.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)), (x, 0))
-        y = top + pad  # captions share one baseline under the tallest image
-        for line in lines:
-            draw.text((x + 2, y), line, fill="black", font=font)
-            y += CAPTION_LINE
-        x += im.shape[1] + pad
-    return np.asarray(canvas)
-
-
-def image_mse_psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """MSE over uint8 pixel values (0..255) and PSNR in dB (inf when identical)."""
-    if a.shape != b.shape:
-        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-    return mse, psnr
-
-
-def save_npy(path: str | os.PathLike[str], value: torch.Tensor | np.ndarray | Sequence[torch.Tensor]) -> None:
-    """Write a tensor, array or list of equal-shape tensors (stacked) as float32 .npy, atomically."""
-    if isinstance(value, (list, tuple)):
-        value = torch.stack([torch.as_tensor(v) for v in value])
-    arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds per named stage: `with timer("invert"): ...`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.final = Path(path)
+        if self.final.exists() and not self.final.is_dir():
+            raise UsageError(f"output {self.final} exists and is not a directory")
+        parent = self.final.absolute().parent
         try:
-            yield
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = parent / f".{self.final.name}.partial-{secrets.token_hex(4)}"
+            self.staging.mkdir()
+        except OSError as err:
+            raise UsageError(f"cannot write the output {self.final}: {err.strerror or err}") from None
+        self.committed = False
 
-    def as_dict(self) -> dict[str, float]:
-        return {**{k: round(v, 4) for k, v in self.seconds.items()}, "total": round(sum(self.seconds.values()), 4)}
+    def path(self, name: str) -> Path:
+        """Where to write `name` (may contain subfolders) inside the staging folder."""
+        p = self.staging / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def png(self, name: str, image: np.ndarray) -> None:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(self.path(name), format="PNG")
+
+    def npy(self, name: str, value: torch.Tensor | np.ndarray | Sequence[torch.Tensor]) -> None:
+        """A tensor, array or list of equal-shape tensors (stacked) as float32 .npy."""
+        if isinstance(value, (list, tuple)):
+            value = torch.stack([torch.as_tensor(v) for v in value])
+        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
+        np.save(self.path(name), arr.astype(np.float32))
+
+    def json(self, name: str, obj: Any) -> None:
+        write_json(self.path(name), jsonable(obj))
+
+    def commit(self, record: Mapping[str, Any]) -> Path:
+        """Write run.json last, then put the folder in place (replacing an earlier run's)."""
+        self.json("run.json", record)
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{secrets.token_hex(4)}"
+            os.rename(self.final, old)
+        os.rename(self.staging, self.final)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def abandon(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> "RunDirectory":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.abandon()
 
 
 def _version(package: str) -> str | None:
@@ -110,12 +104,28 @@ def _version(package: str) -> str | None:
         return None
 
 
+def code_version() -> dict[str, str | None]:
+    """The package version and, when run from a git checkout, the commit (with "+dirty" when the
+    tracked files differ from it)."""
+    out: dict[str, str | None] = {"version": _version("invedit"), "git_commit": None}
+    if (REPO_ROOT / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            out["git_commit"] = (commit + ("+dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
 def versions() -> dict[str, Any]:
-    """Versions of Python, the runtime packages and the device, for run.json."""
+    """Versions of Python, the runtime packages, the code and the device, for run.json."""
     out: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "invedit": _version("invedit"),
+        "invedit": code_version(),
         "torch": torch.__version__,
     }
     for pkg in ("numpy", "pillow", "safetensors", "transformers", "triton"):
@@ -125,17 +135,18 @@ def versions() -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """JSON-safe copy: tuples to lists, non-finite floats to strings (JSON has no inf/nan)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
-        return str(value)  # JSON has no inf/nan
+        return str(value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    if isinstance(value, (np.generic,)):
-        return _jsonable(value.item())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
     return str(value)
 
 
@@ -156,8 +167,4 @@ def run_record(
         "versions": versions(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return _jsonable(record)
-
-
-def write_run_json(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    write_json(path, _jsonable(record))
+    return jsonable(record)

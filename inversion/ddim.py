@@ -1,8 +1,9 @@
-"""DDIM inversion (Song et al. 2021, eq. 12 run backwards; ALGORITHMS.md part A §1.3 and §2).
+"""DDIM inversion (Song et al. 2021, eq. 12 run backwards; docs/methods.md "DDIM inversion").
 
-The trajectory L[0..T] is computed with the source prompt only (guidance 1, no unconditional
+The trajectory L[0..T] is computed with the inversion prompt only (guidance 1, no unconditional
 pass) and each step queries the UNet with the less-noisy latent L[k] at the noisier label t, as
-every reference inversion does. Every other inversion method starts from this trajectory.
+every reference inversion does. Most other inversion methods start from this trajectory
+(`ddim_trajectory` returns the task's when the caller already computed it).
 """
 
 from __future__ import annotations
@@ -13,65 +14,50 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from inversion.method import InversionMethod, InversionTask
+from ldm.model import StableDiffusion
 from samplers.ddim import ddim_inverse_step
-from samplers.schedule import Schedule
-from samplers.trajectory import Inversion
+from samplers.inversion import Inversion, InversionCost
+from samplers.noise import predict_noise
+from samplers.settings import Alias, Settings
 
 
 @dataclass(frozen=True)
-class InversionConfig:
-    """Settings shared by the inversion methods.
-
-    steps: DDIM steps of the grid (50 -> 981..1).
-    guidance: the CFG scale the *editing* loop will use; null-text and DirectInversion's offset
-        form optimise / record against it, so it must equal the editing scale (7.5).
-    progress: show a tqdm bar.
-    """
-
-    steps: int = 50
-    guidance: float = 7.5
-    progress: bool = False
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(steps=self.steps)
-
-
-def unet_eps(sd: torch.nn.Module, z: Tensor, t: int, context: Tensor) -> Tensor:
-    """eps(z, t, context) in float32 with the UNet's own dtype inside; z is repeated to context's batch."""
-    dtype = next(sd.unet.parameters()).dtype
-    # a real copy per row, not a stride-0 view: convolutions then round exactly as they do on the
-    # editing loop's batch, which keeps DirectInversion's recorded offsets exact there
-    x = z.repeat(context.shape[0], 1, 1, 1) if z.shape[0] == 1 else z
-    return sd.unet(x.to(dtype), torch.tensor(t, device=z.device), context.to(dtype)).float()
+class DDIMSettings(Settings):
+    """Plain DDIM inversion has no options of its own."""
 
 
 @torch.no_grad()
-def ddim_trajectory(
-    sd: torch.nn.Module, z0: Tensor, context: Tensor, schedule: Schedule, progress: bool = False
-) -> list[Tensor]:
-    """[L0 = z0, L1, ..., L_steps = z_T], each (1, 4, h, w) float32; L[k+1] from eps(L[k], t_k)."""
-    z = z0.float()
+def ddim_trajectory(sd: StableDiffusion, task: InversionTask) -> tuple[Tensor, ...]:
+    """[L0 = z0, L1, ..., L_steps = z_T], each (1, 4, h, w) float32; L[k+1] from eps(L[k], t_k).
+
+    The task's trajectory when it has one (computed once, shared by every method that needs it)."""
+    if task.trajectory is not None:
+        return task.trajectory
+    schedule = task.schedule
+    z = task.z0.float()
     trajectory = [z]
-    for t in tqdm(tuple(reversed(schedule.timesteps)), desc="DDIM inversion", disable=not progress, leave=False):
-        z = ddim_inverse_step(z, unet_eps(sd, z, t, context), t, schedule)
+    for t in tqdm(tuple(reversed(schedule.timesteps)), desc="DDIM inversion", disable=not task.progress, leave=False):
+        z = ddim_inverse_step(z, predict_noise(sd, z, t, task.prompt), t, schedule)
         trajectory.append(z)
-    return trajectory
+    return tuple(trajectory)
 
 
-def invert_ddim(
-    sd: torch.nn.Module,
-    z0: Tensor,
-    c_src: Tensor,
-    cfg: InversionConfig = InversionConfig(),
-    *,
-    trajectory: list[Tensor] | None = None,
-) -> Inversion:
-    """Plain DDIM inversion: editing starts from z_T with E("") as the uncond embedding.
+def trajectory_cost(task: InversionTask) -> InversionCost:
+    """The DDIM pass's cost: one row per step, nothing when the trajectory was given."""
+    return InversionCost(unet_rows=0 if task.trajectory is not None else task.steps)
 
-    trajectory: a DDIM inversion of z0 under c_src already computed (every method accepts one, so
-    several methods on one image share the pass).
-    """
-    if trajectory is None:
-        trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
-    return Inversion(z_T=trajectory[-1], trajectory=trajectory, unet_rows=cfg.steps, method="ddim")
+
+def invert_ddim(sd: StableDiffusion, task: InversionTask, settings: DDIMSettings = DDIMSettings()) -> Inversion:
+    """Plain DDIM inversion: editing starts from z_T with E("") as the uncond embedding."""
+    trajectory = ddim_trajectory(sd, task)
+    return Inversion("ddim", trajectory, settings=settings.as_dict(), cost=trajectory_cost(task))
+
+
+METHOD = InversionMethod(
+    name="ddim",
+    summary="DDIM inversion under the source prompt at guidance 1 (the baseline every method starts from)",
+    settings=DDIMSettings,
+    invert=invert_ddim,
+    aliases=(Alias("ddim-inversion"),),
+)

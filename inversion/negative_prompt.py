@@ -1,4 +1,4 @@
-"""Negative-prompt inversion (Miyake et al., arXiv 2305.16807; ALGORITHMS.md part A §4).
+"""Negative-prompt inversion (Miyake et al., arXiv 2305.16807; docs/methods.md "Negative-prompt inversion").
 
 NTI's optimised null embedding is close to the source-prompt embedding, so use E(src) itself as
 the "unconditional" embedding of every editing step: the source branch then reproduces the
@@ -14,13 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from inversion.ddim import InversionConfig, ddim_trajectory
-from samplers.trajectory import Inversion
+from inversion.ddim import ddim_trajectory, trajectory_cost
+from inversion.method import InversionMethod, InversionTask
+from ldm.model import StableDiffusion
+from samplers.inversion import Inversion
+from samplers.settings import Alias, Settings, setting
 
 
 @dataclass(frozen=True)
-class NegativePromptConfig(InversionConfig):
-    interp: float = 0.0
+class NegativePromptSettings(Settings):
+    interp: float = setting(0.0, "slerp the null embedding from E(src) (0) towards E(\"\") (1), the reference's npi_interp",
+                            flag="--npi-interp", low=0.0, high=1.0)
 
 
 def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
@@ -34,16 +38,19 @@ def slerp(val: float, low: Tensor, high: Tensor) -> Tensor:
 
 
 def invert_negative_prompt(
-    sd: torch.nn.Module,
-    z0: Tensor,
-    c_src: Tensor,
-    cfg: NegativePromptConfig = NegativePromptConfig(),
-    *,
-    trajectory: list[Tensor] | None = None,
+    sd: StableDiffusion, task: InversionTask, settings: NegativePromptSettings = NegativePromptSettings()
 ) -> Inversion:
-    """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass)."""
-    if trajectory is None:
-        trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
-    u = c_src if cfg.interp == 0 else slerp(cfg.interp, c_src, sd.embed([""]).to(c_src))
+    trajectory = ddim_trajectory(sd, task)
+    u = task.prompt if settings.interp == 0 else slerp(settings.interp, task.prompt, task.null.to(task.prompt))
     # the same tensor for every step: the reference's list of copies without the copies
-    return Inversion(trajectory[-1], trajectory, null_embeddings=[u] * cfg.steps, unet_rows=cfg.steps, method="negative-prompt")
+    return Inversion("negative-prompt", trajectory, null_embeddings=(u,) * task.steps, settings=settings.as_dict(),
+                     cost=trajectory_cost(task))
+
+
+METHOD = InversionMethod(
+    name="negative-prompt",
+    summary="negative-prompt inversion: E(src) as the null embedding of every editing step, no optimisation",
+    settings=NegativePromptSettings,
+    invert=invert_negative_prompt,
+    aliases=(Alias("negative-prompt-inversion"), Alias("npi")),
+)

@@ -1,4 +1,4 @@
-"""Null-text inversion (Mokady et al., CVPR 2023; ALGORITHMS.md part A §3).
+"""Null-text inversion (Mokady et al., CVPR 2023; docs/methods.md "Null-text inversion").
 
 Keep the guidance-1 DDIM trajectory L as pivots and, for each denoising step i, optimise the
 unconditional embedding u so that one CFG step (scale w) from the current reconstruction lands on
@@ -9,104 +9,104 @@ before an update falls below 1e-5 + 2e-5 i (the updated u is kept), warm start f
 step's u, and the reconstruction z_{i+1} recomputed with the final u. The editing loop then uses
 U[i] for every uncond row.
 
-Only u receives gradients: the UNet's parameters are frozen for the duration (requires_grad
-False), so no weight gradients are ever built.
+Only u receives gradients: the UNet's parameters are frozen for the duration
+(samplers.noise.frozen_weights), so no weight gradients are ever built.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from inversion.ddim import InversionConfig, ddim_trajectory, unet_eps
+from inversion.ddim import ddim_trajectory, trajectory_cost
+from inversion.method import InversionMethod, InversionTask
+from ldm.model import StableDiffusion
 from samplers.ddim import ddim_step
-from samplers.trajectory import Inversion
+from samplers.inversion import Inversion, InversionCost
+from samplers.noise import cfg, frozen_weights, predict_guided, predict_noise
+from samplers.schedule import Schedule
+from samplers.settings import Alias, Settings, setting
 
 
 @dataclass(frozen=True)
-class NullTextConfig(InversionConfig):
-    inner_steps: int = 10
-    lr: float = 1e-2
-    early_stop: float = 1e-5
-    early_stop_slope: float = 2e-5  # the threshold grows by this much per step
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Parameters of `module` do not require grad inside the block; their flags are restored after."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+class NullTextSettings(Settings):
+    inner_steps: int = setting(10, "Adam iterations per denoising step (at most)", flag="--nti-inner-steps", low=0)
+    lr: float = setting(1e-2, "Adam learning rate at step 0, decayed as lr (1 - i/100)", flag="--nti-lr", low=0.0)
+    early_stop: float = setting(1e-5, "stop a step's optimisation below this loss (+ the slope x step)",
+                                flag="--nti-early-stop", low=0.0)
+    early_stop_slope: float = setting(2e-5, "per-step growth of the early-stop threshold", flag="--nti-early-stop-slope",
+                                      low=0.0)
 
 
 def optimize_null_step(
-    sd: torch.nn.Module, z: Tensor, i: int, u: Tensor, c_src: Tensor, pivot: Tensor, cfg: NullTextConfig
+    sd: StableDiffusion, z: Tensor, i: int, u: Tensor, c_src: Tensor, pivot: Tensor, schedule: Schedule,
+    guidance: float, settings: NullTextSettings,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Denoising step i of null-text inversion from the reconstruction z (1, 4, h, w).
 
     Returns the optimised u (1, 77, C), the next reconstruction ddim_step(z, CFG(u)) and the loss of
-    each inner iteration. The caller freezes the UNet (see `frozen`).
+    each inner iteration. The caller freezes the UNet (samplers.noise.frozen_weights).
     """
-    schedule = cfg.schedule
     t = schedule.timesteps[i]
-    w = cfg.guidance
     u = u.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([u], lr=cfg.lr * (1.0 - i / 100.0))  # fresh moments every step
+    opt = torch.optim.Adam([u], lr=settings.lr * (1.0 - i / 100.0))  # fresh moments every step
     with torch.no_grad():
-        e_c = unet_eps(sd, z, t, c_src)
+        e_c = predict_noise(sd, z, t, c_src)
     losses: list[float] = []
-    for _ in range(cfg.inner_steps):
-        e_u = unet_eps(sd, z, t, u)
-        loss = F.mse_loss(ddim_step(z, e_u + w * (e_c - e_u), t, schedule), pivot)
+    for _ in range(settings.inner_steps):
+        e_u = predict_noise(sd, z, t, u)
+        loss = F.mse_loss(ddim_step(z, cfg(e_u, e_c, guidance), t, schedule), pivot)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
         # tested after the update, with the loss from before it: the updated u is kept
-        if losses[-1] < cfg.early_stop + i * cfg.early_stop_slope:
+        if losses[-1] < settings.early_stop + i * settings.early_stop_slope:
             break
     u = u.detach()
     with torch.no_grad():
-        e_u, e_c = unet_eps(sd, z, t, torch.cat([u, c_src])).chunk(2)
-        z_next = ddim_step(z, e_u + w * (e_c - e_u), t, schedule)
+        z_next = ddim_step(z, predict_guided(sd, z, t, u, c_src, guidance), t, schedule)
     return u, z_next, losses
 
 
-def invert_null_text(
-    sd: torch.nn.Module,
-    z0: Tensor,
-    c_src: Tensor,
-    cfg: NullTextConfig = NullTextConfig(),
-    *,
-    trajectory: list[Tensor] | None = None,
-) -> Inversion:
-    """trajectory: a DDIM inversion of z0 under c_src already computed (skips that pass)."""
-    if trajectory is None:
-        trajectory = ddim_trajectory(sd, z0, c_src, cfg.schedule, cfg.progress)
-    with torch.no_grad():
-        u = sd.embed([""]).float()
-    c_src = c_src.float()
+def invert_null_text(sd: StableDiffusion, task: InversionTask, settings: NullTextSettings = NullTextSettings()) -> Inversion:
+    trajectory = ddim_trajectory(sd, task)
+    u = task.null.float()
+    c_src = task.prompt.float()
     null_embeddings: list[Tensor] = []
-    losses: list[list[float]] = []
-    rows = cfg.steps  # the DDIM pass
+    losses: list[tuple[float, ...]] = []
     z = trajectory[-1]
-    with frozen(sd):
-        for i in tqdm(range(cfg.steps), desc="null-text", disable=not cfg.progress, leave=False):
-            u, z, step_losses = optimize_null_step(sd, z, i, u, c_src, trajectory[-2 - i], cfg)
+    with frozen_weights(sd):
+        for i in tqdm(range(task.steps), desc="null-text", disable=not task.progress, leave=False):
+            u, z, step_losses = optimize_null_step(sd, z, i, u, c_src, trajectory[-2 - i], task.schedule, task.guidance, settings)
             null_embeddings.append(u)
-            losses.append(step_losses)
-            rows += 1 + len(step_losses) + 2
-    return Inversion(
-        trajectory[-1], trajectory, null_embeddings=null_embeddings, losses=losses, unet_rows=rows, method="null-text"
+            losses.append(tuple(step_losses))
+    rounds = tuple(len(l) for l in losses)
+    # per step: the conditional prediction, one forward+backward per round, the final 2-row step
+    cost = trajectory_cost(task) + InversionCost(
+        unet_rows=sum(1 + r + 2 for r in rounds), unet_rows_backward=sum(rounds), rounds_per_step=rounds
     )
+    return Inversion("null-text", trajectory, null_embeddings=tuple(null_embeddings), settings=settings.as_dict(),
+                     cost=cost, losses=tuple(losses))
+
+
+def restore_null_text(task: InversionTask, settings: NullTextSettings, state: Mapping[str, Tensor]) -> Inversion:
+    assert task.trajectory is not None
+    nulls = tuple(u for u in state["null_embeddings"])  # (steps, 1, 77, C) -> one (1, 77, C) per step
+    return Inversion("null-text", task.trajectory, null_embeddings=nulls, settings=settings.as_dict())
+
+
+METHOD = InversionMethod(
+    name="null-text",
+    summary="null-text inversion: optimise the null embedding of every step (Adam, <= 10 rounds) onto the DDIM pivots",
+    settings=NullTextSettings,
+    invert=invert_null_text,
+    aliases=(Alias("null-text-inversion"), Alias("nti")),
+    state_keys=("null_embeddings",),
+    restore=restore_null_text,
+)

@@ -1,1 +1,1 @@
-"""Attention kernels: the fused attention every layer calls, its fp32 reference and benchmark."""
+"""Attention kernels, only what runs at inference: fused_attention and its Triton kernel (tooling: benchmarks/)."""

@@ -1,11 +1,12 @@
 """Fused attention, softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1), without materialising the probabilities.
 
-Every attention layer of the toolkit ends in one of these two calls (DESIGN.md §5, §7):
+Every attention layer of the toolkit ends in one of these two calls (docs/architecture.md):
 
 - `fused_attention(q, k, v)`: plain attention per batch row and head.
 - `fused_attention_rows(q, k, v, q_rows, k_rows, v_rows)`: output row b attends with
   Q from input row q_rows[b], K from k_rows[b] and V from v_rows[b]. Every self-attention rule of
-  P2P, MasaCtrl and Plug-and-Play is of this form (ALGORITHMS.md part B §6.1).
+  Prompt-to-Prompt (Hertz et al. 2022), MasaCtrl (Cao et al. 2023) and Plug-and-Play (Tumanyan
+  et al. 2023) is of this form.
 
 Layout everywhere: (B, heads, N, head_dim).
 

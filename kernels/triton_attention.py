@@ -12,8 +12,9 @@ flash-attention's `flash_attn_triton.py`:
 - any N_q and N_k (77-token cross-attention keys, odd N): the full key blocks run unmasked and one
   masked tail block follows; query rows past N_q are masked on load and store;
 - row gathering: with GATHER, output row b reads Q, K and V from rows QROWS[b], KROWS[b], VROWS[b]
-  of the inputs through pointer offsets, without copying them (the self-attention rules of P2P,
-  MasaCtrl and Plug-and-Play, DESIGN.md §5);
+  of the inputs through pointer offsets, without copying them (the self-attention rules of
+  Prompt-to-Prompt, Hertz et al. 2022; MasaCtrl, Cao et al. 2023; Plug-and-Play, Tumanyan et al.
+  2023; docs/architecture.md);
 - arbitrary strides on every input, so (B, N, heads, d) projections viewed as (B, heads, N, d)
   need no copy;
 - under TRITON_INTERPRET=1 (CPU), whose interpreter cannot do bf16 arithmetic (it computes on the
@@ -25,18 +26,24 @@ flash-attention's `flash_attn_triton.py`:
 
 Forward only; kernels/attention.py says what runs for gradients. Block sizes are autotuned,
 keyed on (N_Q, N_K, HEAD_DIM) (the autotuner adds the dtypes to the key), over configs checked
-offline for register spills and shared memory with ptxas (`STATIC_OK`, kernels/static_check.py,
-benchmarks/results/kernel-static.md): configs that spill are not in it. Uses only long-standing
-Triton features; compiled for sm_90a with both 3.9 (CI) and 3.6 (the GPU machines' version,
-kernel-static-triton3.6.md). Triton 3.6's *interpreter* cannot run it with numpy 2 (a loop bound
-computed from a kernel argument is a 1-element array there); the CPU tests use 3.9's.
+offline for register spills and shared memory with ptxas: the recorded sweep is read from
+kernels/data/autotune.json (written by `invedit bench kernel --static`, benchmarks/kernel_static.py;
+every compile in benchmarks/results/kernel-static.md), and configs that spill are not in it. Uses
+only long-standing Triton features; compiled for sm_90a with both 3.9 (CI) and 3.6 (the GPU
+machines' version, benchmarks/results/kernel-static-triton3.6.md). Triton 3.6's *interpreter*
+cannot run it with numpy 2 (a loop bound computed from a kernel argument is a 1-element array
+there); the CPU tests use 3.9's.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
+from types import MappingProxyType
 
 import torch
 import triton
@@ -63,18 +70,6 @@ class BlockConfig:
         return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
 
 
-def candidate_configs() -> list[BlockConfig]:
-    """Every block configuration the static check considers: the tutorial's grid widened to the
-    small tiles that d = 160 (a 256-wide tile) and fp32 need to stay within 255 registers."""
-    return [
-        BlockConfig(m, n, w, s)
-        for m in (32, 64, 128)
-        for n in (16, 32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
-
-
 def block_d(head_dim: int) -> int:
     """The power-of-two tile width for a head dim (tl.dot needs >= 16)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -86,123 +81,34 @@ def parse_config(name: str) -> BlockConfig:
     return BlockConfig(int(m[1:]), int(n[1:]), int(w[1:]), int(s[1:]))
 
 
-# The candidates that compiled for BOTH sm_80 and sm_90a without register spills and within
-# shared memory, per SD head dim and element width, in candidate order: the passing lists of
-# benchmarks/results/kernel-static.json (`invedit bench kernel --static`, kernels/static_check.py;
-# a test keeps the two equal). bf16 uses the fp16 list (same tiles and MMA shapes). Other head
-# dims use the list of the SD head dim with the same power-of-two tile.
-# fmt: off
-STATIC_OK: dict[tuple[int, str], tuple[str, ...]] = {
-    (40, "fp16"): (
-        "M32-N16-w4-s2",
-        "M32-N16-w8-s2",
-        "M32-N32-w4-s2",
-        "M32-N32-w8-s2",
-        "M32-N64-w4-s2",
-        "M32-N64-w8-s2",
-        "M32-N128-w4-s2",
-        "M32-N128-w8-s2",
-        "M64-N16-w4-s2",
-        "M64-N16-w8-s2",
-        "M64-N32-w4-s2",
-        "M64-N32-w8-s2",
-        "M64-N64-w4-s2",
-        "M64-N64-w8-s2",
-        "M64-N128-w8-s2",
-        "M128-N16-w4-s2",
-        "M128-N16-w8-s2",
-        "M128-N32-w4-s2",
-        "M128-N32-w8-s2",
-        "M128-N64-w8-s2",
-        "M128-N128-w8-s2",
-        "M32-N16-w4-s3",
-        "M32-N16-w8-s3",
-        "M32-N32-w4-s3",
-        "M32-N32-w8-s3",
-        "M32-N64-w4-s3",
-        "M32-N64-w8-s3",
-        "M32-N128-w4-s3",
-        "M32-N128-w8-s3",
-        "M64-N16-w4-s3",
-        "M64-N16-w8-s3",
-        "M64-N32-w4-s3",
-        "M64-N32-w8-s3",
-        "M64-N64-w4-s3",
-        "M64-N64-w8-s3",
-        "M64-N128-w8-s3",
-        "M128-N16-w4-s3",
-        "M128-N16-w8-s3",
-        "M128-N32-w4-s3",
-        "M128-N32-w8-s3",
-        "M128-N64-w8-s3",
-        "M128-N128-w8-s3",
-    ),
-    (40, "fp32"): (
-        "M32-N16-w4-s2",
-        "M32-N16-w8-s2",
-        "M32-N32-w4-s2",
-        "M32-N32-w8-s2",
-        "M64-N16-w4-s2",
-        "M64-N16-w8-s2",
-        "M64-N32-w8-s2",
-        "M128-N16-w8-s2",
-        "M32-N16-w8-s3",
-        "M32-N32-w4-s3",
-        "M64-N16-w4-s3",
-        "M64-N32-w8-s3",
-        "M128-N16-w8-s3",
-    ),
-    (80, "fp16"): (
-        "M32-N16-w4-s2",
-        "M32-N32-w4-s2",
-        "M32-N32-w8-s2",
-        "M32-N64-w8-s2",
-        "M64-N16-w4-s2",
-        "M64-N16-w8-s2",
-        "M64-N32-w4-s2",
-        "M64-N32-w8-s2",
-        "M64-N64-w8-s2",
-        "M128-N16-w8-s2",
-        "M128-N32-w8-s2",
-        "M128-N64-w8-s2",
-        "M32-N16-w4-s3",
-        "M32-N32-w4-s3",
-        "M32-N32-w8-s3",
-        "M32-N64-w8-s3",
-        "M64-N16-w4-s3",
-        "M64-N16-w8-s3",
-        "M64-N32-w4-s3",
-        "M64-N32-w8-s3",
-        "M64-N64-w8-s3",
-        "M128-N16-w8-s3",
-        "M128-N32-w8-s3",
-        "M128-N64-w8-s3",
-    ),
-    (80, "fp32"): (
-        "M32-N16-w4-s2",
-        "M32-N16-w8-s2",
-        "M32-N16-w4-s3",
-        "M32-N16-w8-s3",
-    ),
-    (160, "fp16"): (
-        "M32-N16-w4-s2",
-        "M32-N16-w8-s2",
-        "M32-N32-w8-s2",
-        "M64-N16-w8-s2",
-        "M32-N16-w4-s3",
-        "M32-N16-w8-s3",
-        "M32-N32-w8-s3",
-        "M64-N16-w8-s3",
-    ),
-    (160, "fp32"): (
-        "M32-N16-w8-s2",
-        "M32-N16-w8-s3",
-    ),
-}
-# fmt: on
-# Autotune candidates that Triton 3.6 (the GPU machines' version) compiles with spills for sm_90a
-# although 3.9 does not (benchmarks/results/kernel-static-triton3.6.json): never autotuned.
-SPILL_ON_TRITON_3_6 = frozenset({"d80-fp32-M32-N16-w4-s3", "d80-fp32-M32-N16-w4-s2"})
+def autotune_record() -> dict[str, object]:
+    """kernels/data/autotune.json, parsed afresh: the recorded ptxas sweep the autotuner draws from.
+
+    Written by `invedit bench kernel --static` (benchmarks/kernel_static.py): "passing" maps
+    "d{head_dim}-{fp16|fp32}" to the candidates that compiled for BOTH sm_80 and sm_90a without
+    register spills and within shared memory, in candidate order; "excluded" lists as
+    "d{head_dim}-{kind}-{config}" the ones a recorded check by another Triton version (3.6, the GPU
+    machines' version) saw spill although the sweep's Triton did not.
+    """
+    return json.loads((resources.files("kernels") / "data" / "autotune.json").read_text())
+
+
+def _recorded_sweep() -> tuple[Mapping[tuple[int, str], tuple[str, ...]], frozenset[str]]:
+    record = autotune_record()
+    passing: dict[str, list[str]] = record["passing"]  # type: ignore[assignment]
+    excluded: list[str] = record["excluded"]["configs"]  # type: ignore[index]
+    by_key: dict[tuple[int, str], tuple[str, ...]] = {}
+    for key, names in passing.items():  # "d40-fp16"
+        head_dim, kind = key.split("-")
+        by_key[(int(head_dim.removeprefix("d")), kind)] = tuple(names)
+    return MappingProxyType(by_key), frozenset(excluded)
+
+
+# Read once at import, read-only. STATIC_OK: (SD head dim, "fp16" | "fp32") -> passing config names.
+# STATIC_EXCLUDED: "d80-fp32-M32-N16-w4-s2"-style names never autotuned. bf16 uses the fp16 list
+# (same tiles and MMA shapes); other head dims use the list of the SD head dim with the same
+# power-of-two tile.
+STATIC_OK, STATIC_EXCLUDED = _recorded_sweep()
 _SD_HEAD_DIM_OF_TILE = {64: 40, 128: 80, 256: 160}
 MAX_AUTOTUNE = 6  # each config costs a compile (~5-10 s) per head dim on first use
 
@@ -217,7 +123,7 @@ def autotune_configs(head_dim: int, dtype: torch.dtype) -> list[BlockConfig]:
     """The autotuner's candidates for a head dim and dtype: up to MAX_AUTOTUNE passing configs."""
     sd_dim = _SD_HEAD_DIM_OF_TILE[max(64, block_d(head_dim))]
     kind = "fp32" if dtype == torch.float32 else "fp16"
-    names = [n for n in STATIC_OK.get((sd_dim, kind), ()) if f"d{sd_dim}-{kind}-{n}" not in SPILL_ON_TRITON_3_6]
+    names = [n for n in STATIC_OK.get((sd_dim, kind), ()) if f"d{sd_dim}-{kind}-{n}" not in STATIC_EXCLUDED]
     ranked = sorted((parse_config(n) for n in names), key=_priority)
     # one pipeline depth per tile shape first, so the few slots cover different tiles
     first: dict[tuple[int, int, int], BlockConfig] = {}
@@ -377,7 +283,7 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if q.is_cuda and not autotune_configs(d, q.dtype):
         return (
             f"no block config for head_dim {d} in {q.dtype} compiles without register spills "
-            "(benchmarks/results/kernel-static.md)"
+            "(the recorded sweep, kernels/data/autotune.json)"
         )
     if not q.is_cuda and not interpreting():
         return f"tensors on {q.device}: the kernel needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"

@@ -3,8 +3,9 @@
 Attention(x, context) = to_out(softmax(Q K^T / sqrt(d)) V) with Q = to_q(x), K = to_k(context),
 V = to_v(context) (Vaswani et al. 2017, eq. 1), as in SD's CrossAttention: no bias on the
 projections, bias on the output. The layer never decides how Q, K and V are combined: it hands
-them to the active controller (DESIGN.md §5), which picks which rows feed which output row and
-calls the fused kernel. Without a controller the layer calls the fused kernel itself.
+them to the sampler's controllers through `AttnContext.attend` (docs/architecture.md), which pick
+which rows feed which output row and call the fused kernel. Without a context (a plain network
+call) the layer calls the fused kernel itself.
 
 `upcast` (UNetConfig.upcast_attention, SD-2.1-768-v) hands Q, K and V to that call in float32
 when the weights are fp16/bf16 and casts the result back, so scores, softmax and the weighted sum
@@ -47,5 +48,5 @@ class Attention(nn.Module):
             out = fused_attention(q, k, v)
         else:
             assert self.site is not None, "attention layer used under a controller without a site"
-            out = ctx.controller.attend(q, k, v, self.site, ctx)
+            out = ctx.attend(q, k, v, self.site)
         return self.to_out(rearrange(out.to(x.dtype), "b h n d -> b n (h d)"))

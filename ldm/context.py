@@ -1,17 +1,27 @@
-"""What a network call is told: attention/ResBlock sites, named batch rows, and the controller.
+"""What a network call is told: attention/ResBlock sites, named batch rows, and the controllers.
 
 This is the contract between the networks (ldm/), the controllers (control/) and the sampler
-(samplers/), DESIGN.md §5. The networks hold no per-step state: everything a controller needs to
-decide what to do at one attention layer arrives as static `AttnSite` data (fixed when the UNet is
-built) plus the per-call `AttnContext` built by the sampler. Nothing is monkey-patched and nothing
-is counted: a controller picks layers by querying sites and rows by name.
+(samplers/), described in docs/architecture.md. The networks hold no per-step state: everything a
+controller needs to decide what to do at one attention layer arrives as static `AttnSite` data
+(fixed when the UNet is built) plus the per-call `AttnContext` built by the sampler. Nothing is
+monkey-patched and nothing is counted: a controller picks layers by querying sites and rows by name.
+
+Controllers compose as a tuple, in order:
+- `attend`: the first controller that returns a tensor decides the layer's output; one that returns
+  None (an observer, or a rule that does not apply here) passes the call on; if none decides, the
+  layer runs plain fused attention.
+- `features`, `end_step`: each controller transforms the value the previous one returned.
+- `start`, `begin_step`: each controller is told, in order.
+The loop drives the lifecycle: `start(run)` before the first step of every run, so a controller
+reused for a second image starts clean and can build its row-index tensors once, on the run's device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from kernels.attention import fused_attention
@@ -118,52 +128,68 @@ class BatchLayout:
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """What a controller is told once, before the first step of a sampling run."""
+
+    layout: BatchLayout
+    num_steps: int
+    device: torch.device
+    latent_hw: tuple[int, int]
+
+    def row_index(self, rows: Sequence[int]) -> Tensor:
+        """A row list as a long tensor on the run's device, built once per run (on CUDA a list
+        handed to the kernel would cost a host-to-device copy on every attention call)."""
+        return torch.tensor(list(rows), dtype=torch.long, device=self.device)
+
+
+@dataclass(frozen=True)
 class AttnContext:
     """Per-UNet-call information, built by the sampler.
 
     step: denoising step index (0 = first, noisiest); during inversion it counts inversion steps.
+    controllers: in composition order (see the module docstring).
     """
 
     step: int
     timestep: int
     num_steps: int
     layout: BatchLayout
-    controller: "Controller"
+    controllers: tuple["Controller", ...] = ()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite) -> Tensor:
+        """The layer's output: the first controller's that decides, else plain fused attention."""
+        for controller in self.controllers:
+            out = controller.attend(q, k, v, site, self)
+            if out is not None:
+                return out
+        return fused_attention(q, k, v)
+
+    def features(self, h: Tensor, site: ResSite) -> Tensor:
+        """A ResBlock's residual branch as every controller in turn leaves it."""
+        for controller in self.controllers:
+            h = controller.features(h, site, self)
+        return h
 
 
 @runtime_checkable
 class Controller(Protocol):
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor:
-        """q, k, v: (B, heads, N, head_dim) -> attention output of the same layout as q."""
+    """An attention controller. `control.base.ControllerBase` gives the no-op default of each method."""
+
+    def start(self, run: RunInfo) -> None:
+        """Before step 0 of every run: forget earlier runs, precompute what depends on the layout."""
+        ...
+
+    def begin_step(self, ctx: AttnContext) -> None: ...
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor | None:
+        """q, k, v: (B, heads, N, head_dim) -> the attention output (same layout as q), or None to
+        leave this call to the next controller."""
         ...
 
     def features(self, h: Tensor, site: ResSite, ctx: AttnContext) -> Tensor:
         """The residual branch of a ResBlock, before the skip is added; returns it, maybe edited."""
         ...
 
-    def begin_step(self, ctx: AttnContext) -> None: ...
-
     def end_step(self, ctx: AttnContext, latents: Tensor) -> Tensor:
         """Called with the latents after the DDIM step; returns them (LocalBlend edits them)."""
         ...
-
-    def reset(self) -> None: ...
-
-
-class NoControl:
-    """Plain attention, untouched features: the behaviour of an uncontrolled UNet."""
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor:
-        return fused_attention(q, k, v)
-
-    def features(self, h: Tensor, site: ResSite, ctx: AttnContext) -> Tensor:
-        return h
-
-    def begin_step(self, ctx: AttnContext) -> None:
-        pass
-
-    def end_step(self, ctx: AttnContext, latents: Tensor) -> Tensor:
-        return latents
-
-    def reset(self) -> None:
-        pass

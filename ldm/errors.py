@@ -1,10 +1,9 @@
 """User-facing errors: each names the file or value at fault and what was expected.
 
-cli.py turns any InveditError into one line on stderr and exit code 2 (DESIGN.md §9).
+cli.py turns any InveditError into one line on stderr and exit code 2. The types live in ldm/, the
+bottom of the model stack, because ldm is the lowest layer that raises them (the loader refuses bad
+weights, the tokenizer over-long prompts); every layer above uses the same types.
 """
-
-import argparse
-from typing import NoReturn
 
 
 class InveditError(Exception):
@@ -25,11 +24,3 @@ class PromptError(InveditError):
 
 class UsageError(InveditError):
     """Bad option values or combinations."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors, so a bad option is one line and exit code 2 like
-    every other user error (argparse itself prints the whole usage block first)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -1,6 +1,6 @@
 """StableDiffusion: the three networks, the tokenizer and the config, and how to load them.
 
-Our on-disk format (DESIGN.md §8) is one directory: unet.safetensors, vae.safetensors,
+Our on-disk format (docs/weights.md) is one directory: unet.safetensors, vae.safetensors,
 text.safetensors (tensor names = our module names), config.json (SDConfig: the architecture, the
 prediction type and the padding token, so every command knows which model it runs) and tokenizer/
 (files transformers reads). `weights/convert.py` produces it from the real-world layouts. Loading
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ldm.config import TINY, SDConfig
-from ldm.errors import ArgumentParser, WeightsError
+from ldm.errors import WeightsError
 from ldm.safetensors_header import check_safetensors_header
 from ldm.text import CLIPTextModel
 from ldm.tokenizer import Tokenizer
+from ldm.context import AttnSite, ResSite
 from ldm.unet import UNet
 from ldm.vae import AutoencoderKL
 
@@ -110,15 +111,8 @@ class StableDiffusion(nn.Module):
     def load(cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "StableDiffusion":
         """Load our directory format; dtype None keeps the stored dtype."""
         directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise WeightsError(f"{directory} is not an invedit model directory (no config.json); convert it with `invedit convert`")
-        try:
-            config = SDConfig.from_dict(json.loads(config_path.read_text()))
-        except (ValueError, TypeError) as err:
-            raise WeightsError(f"{config_path} is not a valid invedit model config: {err}") from None
-        tokenizer = Tokenizer.from_dir(directory / "tokenizer", config.text.pad_token)
-        tokenizer.check_fits(config.text.vocab_size, str(directory / "tokenizer"))
+        config = read_config(directory)
+        tokenizer = read_tokenizer(directory, config)
         expected = {name: net.state_dict() for name, net in build_networks(config).items()}
         states = {}
         for name in COMPONENTS:
@@ -134,10 +128,56 @@ class StableDiffusion(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def facts(self) -> ModelFacts:
+        return ModelFacts(self.config, self.tokenizer, tuple(self.unet.attn_sites()), tuple(self.unet.res_sites()))
+
     @torch.no_grad()
     def embed(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> CLIP last_hidden_state (B, 77, hidden), the UNet's cross-attention context."""
         return self.text(self.tokenizer(prompts).to(self.device))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a method needs to know of a model before any weight is loaded: its tokenizer and the
+    UNet's attention and ResBlock sites (built on the meta device, so they cost nothing). Methods
+    check prompts, words and layer choices against these, so bad input is refused before compute."""
+
+    config: SDConfig
+    tokenizer: Tokenizer
+    attn_sites: tuple[AttnSite, ...]
+    res_sites: tuple[ResSite, ...]
+
+    @classmethod
+    def of(cls, config: SDConfig, tokenizer: Tokenizer) -> "ModelFacts":
+        unet = build_networks(config)["unet"]
+        return cls(config, tokenizer, tuple(unet.attn_sites()), tuple(unet.res_sites()))
+
+
+def read_config(directory: str | Path) -> SDConfig:
+    """The SDConfig of a model directory (config.json), with one-line errors."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{directory} is not an invedit model directory (no config.json); convert it with `invedit convert`")
+    try:
+        return SDConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{config_path} is not a valid invedit model config: {err}") from None
+
+
+def read_tokenizer(directory: str | Path, config: SDConfig) -> Tokenizer:
+    """A model directory's tokenizer, padding as its config says, checked to fit the text encoder."""
+    tokenizer = Tokenizer.from_dir(Path(directory) / "tokenizer", config.text.pad_token)
+    tokenizer.check_fits(config.text.vocab_size, str(Path(directory) / "tokenizer"))
+    return tokenizer
+
+
+def model_facts(spec: str) -> ModelFacts:
+    """ModelFacts of `tiny-random` or a converted directory, reading no weights."""
+    if spec == "tiny-random":
+        return ModelFacts.of(TINY, Tokenizer.bundled(TINY.text.pad_token))
+    config = read_config(spec)
+    return ModelFacts.of(config, read_tokenizer(spec, config))
 
 
 def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StableDiffusion:
@@ -145,27 +185,3 @@ def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.
     if spec == "tiny-random":
         return StableDiffusion.tiny_random(dtype=dtype or torch.float32).to(device)
     return StableDiffusion.load(spec, dtype=dtype, device=device)
-
-
-def main(argv: list[str]) -> int:
-    """`invedit info`: load or build a model, print its size and attention sites, run one UNet call."""
-    parser = ArgumentParser(prog="invedit info", description=main.__doc__)
-    parser.add_argument("--model", default="tiny-random", help="converted model directory or tiny-random")
-    parser.add_argument("--size", type=int, default=512, help="image size in pixels for the test forward")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    args = parser.parse_args(argv)
-    sd = open_model(args.model, DTYPES.get(args.dtype))
-    for name in COMPONENTS:
-        n = sum(p.numel() for p in getattr(sd, name).parameters())
-        print(f"{name:5s} {n:>13,d} parameters")
-    print(f"{'index':>5} {'place':5} {'level':>5} {'kind':5} {'heads':>5} {'dim':>4}  module")
-    for s in sd.unet.attn_sites():
-        print(f"{s.index:>5} {s.place:5} {s.level:>5} {s.kind:5} {s.heads:>5} {s.head_dim:>4}  {s.name}")
-    side = args.size // sd.config.vae.downsample_factor
-    z = torch.randn(1, sd.config.unet.in_channels, side, side, generator=torch.Generator().manual_seed(0), dtype=sd.dtype)
-    start = time.perf_counter()
-    with torch.no_grad():
-        eps = sd.unet(z, 981, sd.embed(["a photo of a cat"]))
-    print(f"UNet forward at {args.size}x{args.size}: output {tuple(eps.shape)}, std {eps.float().std():.3f}, "
-          f"{time.perf_counter() - start:.2f} s")
-    return 0

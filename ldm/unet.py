@@ -3,9 +3,10 @@
 Module names equal the keys of the original checkpoint under `model.diffusion_model.`
 (input_blocks / middle_block / output_blocks, in_layers / emb_layers / out_layers /
 skip_connection, proj_in / transformer_blocks / proj_out, attn1 / attn2 / ff), so the original
-weights load by stripping that prefix. One class serves SD-1.x and SD-2.x: the differences (linear
-proj_in/proj_out, 64-wide heads, 1024-wide context, float32 attention, and whether the output is
-eps or v, which this module does not interpret) are fields of UNetConfig.
+weights load by stripping that prefix. docs/weights.md lists the architecture facts used here.
+One class serves SD-1.x and SD-2.x: the differences (linear proj_in/proj_out, 64-wide heads,
+1024-wide context, float32 attention, and whether the output is eps or v, which this module does
+not interpret) are fields of UNetConfig.
 
 Every attention layer gets a static `AttnSite` and every ResBlock a `ResSite` at construction,
 numbered in execution order, so controllers select layers by query (`attn_sites()`), never by
@@ -62,7 +63,8 @@ class ResBlock(nn.Module):
         h = self.out_layers(h)
         if ctx is not None:
             # Plug-and-Play swaps this residual branch between rows; the skip stays each row's own.
-            h = ctx.controller.features(h, self.site, ctx)
+            assert self.site is not None, "ResBlock used under a controller without a site"
+            h = ctx.features(h, self.site)
         return self.skip_connection(x) + h
 
 

@@ -1,58 +1,77 @@
 """Classifier-free guidance over named batch rows (Ho & Salimans 2022, eq. 6):
-eps = eps_u + w (eps_c - eps_u), ALGORITHMS.md part A §1.4.
+eps = eps_u + w (eps_c - eps_u), docs/methods.md "Guidance".
 
 The loop hands a `Guidance` the unconditional and conditional predictions of every guided role at
-once, stacked in role order, so a rule that looks across roles (ProxEdit's batch-wide quantile of
-eps_c - eps_u, part A §5) is one more `Guidance` class with the same signature.
+once, stacked in role order, with the roles' names, so a rule that looks across roles (ProxEdit's
+batch-wide quantile of eps_c - eps_u, samplers/prox.py) or gives each role its own scale
+(edit-friendly DDPM's [1, 7.5]) is one more `Guidance` class with the same signature.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from ldm.context import AttnContext, BatchLayout, Role
+from samplers.noise import cfg
 
 
 class Guidance(Protocol):
-    def combine(self, uncond: Tensor, cond: Tensor, ctx: AttnContext) -> Tensor:
-        """uncond, cond: (R, C, h, w), one row per guided role in role order -> guided eps (R, C, h, w)."""
+    def combine(self, uncond: Tensor, cond: Tensor, roles: Sequence[Role], ctx: AttnContext) -> Tensor:
+        """uncond, cond: (R, C, h, w), one row per guided role, in `roles` order -> guided eps (R, C, h, w)."""
         ...
 
 
 @dataclass(frozen=True)
 class ClassifierFree:
-    """Plain CFG with one scale for every role; scale 1 returns the conditional prediction."""
+    """Plain CFG; `per_role` overrides the scale of some roles (scale 1 returns the conditional
+    prediction)."""
 
     scale: float = 7.5
+    per_role: Mapping[Role, float] = field(default_factory=dict)
 
-    def combine(self, uncond: Tensor, cond: Tensor, ctx: AttnContext) -> Tensor:
-        return uncond + self.scale * (cond - uncond)
+    def scales(self, roles: Sequence[Role]) -> list[float]:
+        return [self.per_role.get(r, self.scale) for r in roles]
+
+    def combine(self, uncond: Tensor, cond: Tensor, roles: Sequence[Role], ctx: AttnContext) -> Tensor:
+        scales = self.scales(roles)
+        if len(set(scales)) == 1:
+            return cfg(uncond, cond, scales[0])
+        w = torch.tensor(scales, dtype=uncond.dtype, device=uncond.device).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
+        return cfg(uncond, cond, w)
 
 
-def guided_eps(
-    eps: Tensor, layout: BatchLayout, roles: Sequence[Role], guidance: Guidance, ctx: AttnContext
-) -> Tensor:
-    """The noise prediction of each role in `roles`, stacked (len(roles), C, h, w).
+@dataclass(frozen=True)
+class GuidedRows:
+    """Which layout rows feed each stepped role's noise: computed once per run, not per step."""
 
-    eps holds one row per layout row. Roles with both an uncond and a cond row are combined by
-    `guidance` (all in one call); a role with only one row uses it unguided.
-    """
-    guided = [r for r in roles if layout.has(r, "uncond") and layout.has(r, "cond")]
-    out: list[Tensor | None] = [None] * len(roles)
-    if guided:
-        u = eps[[layout.index(r, "uncond") for r in guided]]  # (G, C, h, w)
-        c = eps[[layout.index(r, "cond") for r in guided]]
-        combined = guidance.combine(u, c, ctx)
-        for j, r in enumerate(guided):
-            out[roles.index(r)] = combined[j]
-    for i, r in enumerate(roles):
-        if out[i] is None:
-            rows = layout.indices(r)
-            if len(rows) != 1:
-                raise ValueError(f"role {r!r} needs an uncond and a cond row or exactly one row in {layout}")
-            out[i] = eps[rows[0]]
-    return torch.stack(out)  # type: ignore[arg-type]
+    roles: tuple[Role, ...]  # the stepped roles, in latent order
+    guided: tuple[Role, ...]  # those with both an uncond and a cond row
+    uncond_rows: tuple[int, ...]
+    cond_rows: tuple[int, ...]
+    single_rows: dict[Role, int]  # roles with one row only: used unguided
+
+    @classmethod
+    def of(cls, layout: BatchLayout) -> "GuidedRows":
+        roles = layout.stepped_roles
+        guided = tuple(r for r in roles if layout.has(r, "uncond") and layout.has(r, "cond"))
+        single: dict[Role, int] = {}
+        for r in roles:
+            if r not in guided:
+                rows = layout.indices(r)
+                if len(rows) != 1:
+                    raise ValueError(f"role {r!r} needs an uncond and a cond row or exactly one row in {layout}")
+                single[r] = rows[0]
+        return cls(roles, guided, tuple(layout.index(r, "uncond") for r in guided),
+                   tuple(layout.index(r, "cond") for r in guided), single)
+
+    def eps(self, eps: Tensor, guidance: Guidance, ctx: AttnContext) -> Tensor:
+        """The noise prediction of each stepped role, stacked (R, C, h, w); eps has one row per layout row."""
+        out: dict[Role, Tensor] = {r: eps[i] for r, i in self.single_rows.items()}
+        if self.guided:
+            combined = guidance.combine(eps[list(self.uncond_rows)], eps[list(self.cond_rows)], self.guided, ctx)
+            out.update(zip(self.guided, combined))
+        return torch.stack([out[r] for r in self.roles])

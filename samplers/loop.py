@@ -1,18 +1,21 @@
-"""The one editing loop (DESIGN.md §6): deterministic DDIM sampling (Song et al. 2021, eq. 12,
-eta = 0) with classifier-free guidance over named rows, attention control and inversion
-corrections; ALGORITHMS.md part A §6.2 gives the reference's order of operations.
+"""The one editing loop: deterministic DDIM sampling (Song et al. 2021, eq. 12, eta = 0) with
+classifier-free guidance over named rows, attention control and inversion corrections
+(docs/architecture.md "One edit, step by step"; docs/methods.md for the reference's order).
 
+Per run: every controller and hook is started (`start(run)`), so state from an earlier run is gone.
 Per step i (timestep t = schedule.timesteps[i]):
-  1. controller.begin_step(ctx), ctx = AttnContext(i, t, steps, layout, controller)
-  2. one UNet call on all rows of `layout` (rows of role "reference" are fed the inversion
-     latent at the same timestep, inversion.trajectory[-1-i]: Plug-and-Play's source branch,
-     part B §5.3; their prediction is discarded)
-  3. guidance over each stepped role's uncond/cond rows (samplers/guidance.py)
-  4. ddim_step of every stepped role
-  5. inversion.corrections on its role (DirectInversion: source rows only)
-  6. latents = controller.end_step(ctx, latents)   (LocalBlend)
-Null-text / negative-prompt inversion: the uncond rows (of every role by default, as the
-reference does, part B §1.2) take inversion.null_embeddings[i] instead of their own embedding.
+  1. controller.begin_step(ctx), ctx = AttnContext(i, t, steps, layout, controllers)
+  2. hooks (`StepHook.before_unet`), with autograd on: they may take gradients with respect to the
+     latents or the text embeddings (and run UNet calls of their own) and return new ones
+  3. one UNet call on all rows of `layout` (rows of role "reference" are fed the inversion latent
+     at the same timestep, inversion.pivot(i): Plug-and-Play's source branch; their prediction is
+     discarded), without autograd
+  4. guidance over each stepped role's uncond/cond rows (samplers/guidance.py)
+  5. ddim_step of every stepped role
+  6. inversion.corrections on its role (DirectInversion: source rows only)
+  7. latents = controller.end_step(ctx, latents) for each controller in turn (LocalBlend)
+Null-text / negative-prompt inversion: the uncond rows (of every role unless the inversion names
+`null_roles`, as the reference does) take inversion.null_embeddings[i] instead of their own.
 
 Latents of the stepped roles travel as one tensor (R, 4, h, w), rows in `layout.stepped_roles`
 order; that is also what controller.end_step receives and what `denoise` returns.
@@ -21,17 +24,19 @@ order; that is also what controller.end_step receives and what `denoise` returns
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.context import AttnContext, BatchLayout, Controller, NoControl, Role, Row
+from ldm.context import AttnContext, BatchLayout, Controller, Role, Row, RunInfo
+from ldm.model import StableDiffusion
 from samplers.ddim import ddim_step
-from samplers.guidance import ClassifierFree, Guidance, guided_eps
+from samplers.guidance import ClassifierFree, GuidedRows, Guidance
+from samplers.inversion import Inversion
+from samplers.noise import predict_noise
 from samplers.schedule import Schedule
-from samplers.trajectory import Inversion
 
 Embeddings = Tensor | Mapping[Row, Tensor]
 
@@ -49,12 +54,38 @@ def row_embeddings(layout: BatchLayout, embeddings: Embeddings) -> Tensor:
 
 
 @dataclass(frozen=True)
+class StepState:
+    """What a step hook sees and may replace before the step's UNet call.
+
+    latents: (R, 4, h, w) float32, one per stepped role (layout.stepped_roles order).
+    context: (B, 77, C) the text embedding of every layout row, in the UNet's dtype.
+    """
+
+    step: int
+    timestep: int
+    num_steps: int
+    layout: BatchLayout
+    latents: Tensor
+    context: Tensor
+
+
+class StepHook(Protocol):
+    """A per-step extension of the loop that may take gradients (pix2pix-zero's cross-attention
+    guidance, a gradient step on the latent). `before_unet` runs with autograd enabled; whatever it
+    returns is detached before the loop goes on without autograd."""
+
+    def start(self, run: RunInfo) -> None: ...
+
+    def before_unet(self, sd: StableDiffusion, state: StepState) -> StepState: ...
+
+
+@dataclass(frozen=True)
 class Denoised:
     """Output of `denoise`.
 
     latents: (R, 4, h, w) final latent of each stepped role, rows in `roles` order.
-    unet_calls: batched UNet calls made (one per step); unet_rows: batch-row evaluations
-    (calls x batch size), the unit of ALGORITHMS.md part A §11.
+    unet_calls: batched UNet calls made by the loop itself (one per step, hooks not counted);
+    unet_rows: batch-row evaluations (calls x batch size), the unit of docs/performance.md.
     """
 
     latents: Tensor
@@ -68,46 +99,49 @@ class Denoised:
         return self.latents[i : i + 1]
 
 
-@torch.no_grad()
-def denoise(
-    sd: torch.nn.Module,
-    z_T: Tensor | None,
-    embeddings: Embeddings,
-    layout: BatchLayout,
-    controller: Controller | None = None,
-    guidance: Guidance | float = 7.5,
-    inversion: Inversion | None = None,
-    steps: int | None = None,
-    *,
-    schedule: Schedule | None = None,
-    null_roles: Sequence[Role] | None = None,
-    progress: bool = True,
-    desc: str = "denoise",
-) -> Denoised:
-    """Run DDIM sampling from z_T over the rows of `layout`; see the module docstring for the step.
-
-    sd: a StableDiffusion (uses sd.unet only). z_T: (1, 4, h, w) shared by every stepped role, or
-    (R, 4, h, w) one per stepped role; None starts from inversion.z_T. embeddings: per-row text
-    embeddings (tensor aligned with layout.rows, or a Row -> embedding map). guidance: a Guidance or
-    a CFG scale. steps: defaults to the inversion's length, else 50; `schedule` overrides both.
-    null_roles: roles whose uncond row takes inversion.null_embeddings[i] (default: all roles).
-    """
-    controller = controller if controller is not None else NoControl()
-    guidance = ClassifierFree(float(guidance)) if isinstance(guidance, (int, float)) else guidance
+def _schedule(inversion: Inversion | None, steps: int | None, schedule: Schedule | None) -> Schedule:
     if schedule is None:
         n = steps if steps is not None else (inversion.steps if inversion is not None else 50)
         schedule = Schedule(steps=n)
     elif steps is not None and steps != schedule.steps:
         raise ValueError(f"steps={steps} disagrees with the schedule's {schedule.steps}")
+    if inversion is not None and inversion.steps != schedule.steps:
+        raise ValueError(f"the inversion has {inversion.steps} steps, the loop {schedule.steps}")
+    return schedule
+
+
+@torch.no_grad()
+def denoise(
+    sd: StableDiffusion,
+    layout: BatchLayout,
+    embeddings: Embeddings,
+    *,
+    inversion: Inversion | None = None,
+    z_T: Tensor | None = None,
+    controllers: Sequence[Controller] = (),
+    guidance: Guidance | float = 7.5,
+    steps: int | None = None,
+    schedule: Schedule | None = None,
+    hooks: Sequence[StepHook] = (),
+    progress: bool = False,
+    desc: str = "denoise",
+) -> Denoised:
+    """Run DDIM sampling over the rows of `layout`; see the module docstring for one step.
+
+    embeddings: per-row text embeddings (tensor aligned with layout.rows, or a Row -> embedding map).
+    inversion: supplies the start latent z_T, the reference rows' latents, per-step null embeddings
+        and corrections. z_T: (1, 4, h, w) shared by every stepped role, or (R, 4, h, w) one per
+        stepped role; overrides the inversion's. guidance: a Guidance or a CFG scale.
+    steps: defaults to the inversion's length, else 50; `schedule` overrides both.
+    """
+    guidance = ClassifierFree(float(guidance)) if isinstance(guidance, (int, float)) else guidance
+    schedule = _schedule(inversion, steps, schedule)
     roles = layout.stepped_roles
     if not roles:
         raise ValueError(f"layout {layout} has no role to step")
-    if inversion is not None and inversion.steps != schedule.steps:
-        raise ValueError(f"the inversion has {inversion.steps} steps, the loop {schedule.steps}")
     reference_rows = layout.indices("reference")
     if reference_rows and inversion is None:
         raise ValueError("rows of role 'reference' are fed from an inversion trajectory; pass inversion=")
-
     if z_T is None:
         if inversion is None:
             raise ValueError("pass z_T or an inversion to start from")
@@ -116,33 +150,51 @@ def denoise(
     latents = z_T.float().expand(len(roles), *z_T.shape[1:]).clone() if z_T.shape[0] == 1 else z_T.float().clone()
     if latents.shape[0] != len(roles):
         raise ValueError(f"z_T has {z_T.shape[0]} rows for the {len(roles)} stepped roles {roles}")
+    device = latents.device
 
-    unet_dtype = next(sd.unet.parameters()).dtype
-    context = row_embeddings(layout, embeddings).to(latents.device, unet_dtype)
-    null_rows = [layout.index(r, "uncond") for r in (null_roles or layout.roles) if layout.has(r, "uncond")]
-    # row -> index into `latents` of the stepped role it shows
-    feed = [roles.index(row.role) if row.role != "reference" else -1 for row in layout.rows]
+    context = row_embeddings(layout, embeddings).to(device, sd.dtype)
+    # everything that depends on the layout only, computed once: which latent feeds each row,
+    # which rows take the null embeddings, which rows each role's guidance reads
+    feed = torch.tensor([roles.index(r.role) if r.role != "reference" else 0 for r in layout.rows], device=device)
+    null_roles = inversion.null_roles if inversion is not None and inversion.null_roles is not None else layout.roles
+    null_rows = [layout.index(r, "uncond") for r in null_roles if layout.has(r, "uncond")]
+    use_nulls = inversion is not None and inversion.null_embeddings is not None and bool(null_rows)
+    rows = GuidedRows.of(layout)
     corrections = inversion.corrections if inversion is not None else None
     if corrections is not None and corrections.role not in roles:
-        corrections = None  # e.g. a reconstruction of the target only: nothing to correct
+        corrections = None  # e.g. Plug-and-Play: the source is a reference row, fed the trajectory itself
+    correct_row = roles.index(corrections.role) if corrections is not None else -1
+
+    controllers = tuple(controllers)
+    run = RunInfo(layout=layout, num_steps=schedule.steps, device=device, latent_hw=tuple(latents.shape[-2:]))
+    for part in (*controllers, *hooks):
+        part.start(run)
 
     calls = 0
     for i, t in enumerate(tqdm(schedule.timesteps, desc=desc, disable=not progress, leave=False)):
-        ctx = AttnContext(step=i, timestep=t, num_steps=schedule.steps, layout=layout, controller=controller)
-        controller.begin_step(ctx)
-        x = latents[[max(j, 0) for j in feed]]  # (B, 4, h, w), one latent per layout row
+        ctx = AttnContext(step=i, timestep=t, num_steps=schedule.steps, layout=layout, controllers=controllers)
+        for controller in controllers:
+            controller.begin_step(ctx)
+        c = context
+        if use_nulls:
+            c = context.clone()
+            c[null_rows] = inversion.null_embeddings[i].to(c)  # type: ignore[union-attr]
+        if hooks:
+            state = StepState(i, t, schedule.steps, layout, latents, c)
+            with torch.enable_grad():
+                for hook in hooks:
+                    state = hook.before_unet(sd, state)
+            latents, c = state.latents.detach(), state.context.detach()
+        x = latents.index_select(0, feed)  # (B, 4, h, w), one latent per layout row
         if reference_rows:
             x[reference_rows] = inversion.pivot(i).to(x)  # type: ignore[union-attr]
-        c = context
-        if inversion is not None and inversion.null_embeddings is not None and null_rows:
-            c = context.clone()
-            c[null_rows] = inversion.null_embeddings[i].to(c)
-        eps = sd.unet(x.to(unet_dtype), torch.tensor(t, device=x.device), c, ctx).float()
+        eps = predict_noise(sd, x, t, c, ctx)
         calls += 1
-        e = guided_eps(eps, layout, roles, guidance, ctx)  # (R, 4, h, w)
+        e = rows.eps(eps, guidance, ctx)  # (R, 4, h, w)
         latents = ddim_step(latents, e, t, schedule)
         if corrections is not None:
-            k = roles.index(corrections.role)
+            k = correct_row
             latents[k : k + 1] = corrections.apply(i, latents[k : k + 1])
-        latents = controller.end_step(ctx, latents)
+        for controller in controllers:
+            latents = controller.end_step(ctx, latents)
     return Denoised(latents=latents, roles=roles, unet_calls=calls, unet_rows=calls * len(layout))

@@ -32,13 +32,15 @@ import numpy as np
 import pytest
 import torch
 
-from inversion.ddim import InversionConfig, invert_ddim
-from inversion.direct import DirectConfig, invert_direct
+from evaluation.images import encode, load_image
+from inversion.ddim import invert_ddim
+from inversion.direct import DirectSettings, invert_direct
+from inversion.method import InversionTask
 from inversion.negative_prompt import invert_negative_prompt
 from inversion.null_text import invert_null_text
-from ldm.image import encode, load_image
 from ldm.model import StableDiffusion
-from samplers.trajectory import Inversion
+from samplers.inversion import Inversion
+from samplers.schedule import Schedule
 
 ORACLE = Path(__file__).parent / "data" / "oracle"
 TINY_SD = Path(__file__).parent / "data" / "tiny-sd"
@@ -89,6 +91,13 @@ def oracle_trajectory() -> list[torch.Tensor]:
     return [torch.from_numpy(a) for a in oracle_array("p2p_inverted_trajectory.npy")]
 
 
+def oracle_task(emb: dict[str, torch.Tensor], trajectory: tuple[torch.Tensor, ...], prompt: str = "source") -> InversionTask:
+    """The inversion inputs of the oracle edit (50 steps, guidance 7.5, offsets recorded in the edit's
+    batch) on a given trajectory (the reference's, so no DDIM pass runs)."""
+    return InversionTask(z0=trajectory[0], prompt=emb[prompt], null=emb["null"], schedule=Schedule(STEPS),
+                         guidance=GUIDANCE, target=emb["target"], trajectory=trajectory)
+
+
 class LazyInversions:
     """method name -> Inversion of the oracle image on the reference trajectory, computed on first use."""
 
@@ -102,19 +111,16 @@ class LazyInversions:
         return self.cache[method]
 
     def _compute(self, method: str) -> Inversion:
-        sd, t, src = self.sd, self.trajectory, self.emb["source"]
-        z0 = t[0]
+        sd, t = self.sd, tuple(self.trajectory)
+        task = oracle_task(self.emb, t)
         runs: dict[str, Callable[[], Inversion]] = {
-            "ddim": lambda: invert_ddim(sd, z0, src, InversionConfig(STEPS, GUIDANCE), trajectory=t),
-            "direct": lambda: invert_direct(sd, z0, src, DirectConfig(STEPS, GUIDANCE), trajectory=t),
-            "direct-offset": lambda: invert_direct(
-                sd, z0, src, DirectConfig(STEPS, GUIDANCE, form="offset"), trajectory=t,
-                c_null=self.emb["null"], c_tgt=self.emb["target"],
-            ),
-            "negative-prompt": lambda: invert_negative_prompt(sd, z0, src, trajectory=t),
-            "null-text": lambda: invert_null_text(sd, z0, src, trajectory=t),
+            "ddim": lambda: invert_ddim(sd, task),
+            "direct": lambda: invert_direct(sd, task),
+            "direct-offset": lambda: invert_direct(sd, task, DirectSettings(form="offset")),
+            "negative-prompt": lambda: invert_negative_prompt(sd, task),
+            "null-text": lambda: invert_null_text(sd, task),
             "null-text-reference": lambda: Inversion(
-                t[-1], t, null_embeddings=[torch.from_numpy(a) for a in oracle_array(NULL_EMBEDDINGS)], method="null-text"
+                "null-text", t, null_embeddings=tuple(torch.from_numpy(a) for a in oracle_array(NULL_EMBEDDINGS))
             ),
         }
         if method not in runs:

@@ -1,5 +1,5 @@
-"""Controllers vs naive re-implementations written here from ALGORITHMS.md part B, in the references'
-own structure: probabilities materialised (B*heads, N, M), the batch split with chunk / halves, layers
+"""Controllers vs naive re-implementations written here from the reference code's behaviour
+(docs/methods.md), in the references' own structure: probabilities materialised (B*heads, N, M), the batch split with chunk / halves, layers
 and steps found by counting attention calls (P2P, MasaCtrl) or by timestep membership and module
 names (PnP), LocalBlend from the "down_cross[2:4] + up_cross[:3]" store lists. Both run a few steps
 of the same loop on a small SD-shaped UNet (attention at three levels, like SD-1.4; q/k weights
@@ -20,12 +20,12 @@ from control.p2p import P2PSettings, make_p2p
 from control.pnp import PlugAndPlay
 from control.words import cross_replace_schedule, equalizer, refinement_mapper, replacement_mapper, word_positions
 from ldm.config import TINY, SDConfig, UNetConfig
-from ldm.context import BatchLayout, NoControl, Row
+from ldm.context import BatchLayout, Row
 from ldm.model import StableDiffusion
 from samplers.loop import denoise
 from samplers.prox import Proximal
 from samplers.schedule import Schedule
-from samplers.trajectory import Inversion
+from samplers.inversion import Inversion
 
 STEPS = 6
 LATENT = 16
@@ -56,7 +56,7 @@ def z_T() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def plain(sd, z_T) -> torch.Tensor:
     """The uncontrolled run of the P2P prompts."""
-    return run(sd, z_T, (SOURCE, TARGET), NoControl())
+    return run(sd, z_T, (SOURCE, TARGET), None)
 
 
 def run(sd, z_T, prompts, controller, layout=None, **kw) -> torch.Tensor:
@@ -64,7 +64,8 @@ def run(sd, z_T, prompts, controller, layout=None, **kw) -> torch.Tensor:
     emb = {Row("source", "uncond"): sd.embed([""]), Row("target", "uncond"): sd.embed([""]),
            Row("source", "cond"): sd.embed([prompts[0]]), Row("target", "cond"): sd.embed([prompts[1]])}
     emb.update(kw.pop("emb", {}))
-    return denoise(sd, z_T, emb, layout, controller, steps=STEPS, progress=False, **kw).latents
+    controllers = () if controller is None else (controller,)
+    return denoise(sd, layout, emb, z_T=z_T, controllers=controllers, steps=STEPS, **kw).latents
 
 
 def n_calls(sd) -> int:
@@ -151,7 +152,7 @@ class RefP2P:
     def begin_step(self, ctx):
         pass
 
-    def reset(self):
+    def start(self, run):
         pass
 
 
@@ -206,7 +207,7 @@ class RefMasa:
     def end_step(self, ctx, x):
         return x
 
-    def reset(self):
+    def start(self, run):
         pass
 
 
@@ -241,7 +242,7 @@ class RefPnP:
     def end_step(self, ctx, x):
         return x
 
-    def reset(self):
+    def start(self, run):
         pass
 
 
@@ -290,7 +291,7 @@ def test_masactrl_equals_naive_reference(sd, z_T):
     ref = RefMasa(n_calls(sd), start_step=2, start_layer=10)
     prompts = ("", TARGET)
     a, b = run(sd, z_T, prompts, ours), run(sd, z_T, prompts, ref)
-    plain = run(sd, z_T, prompts, NoControl())
+    plain = run(sd, z_T, prompts, None)
     assert rel(a, b) < 1e-4
     assert rel(a[1], plain[1]) > 1e-2
     assert ours.sites_touched == 6  # self-attention of blocks 10..15
@@ -299,7 +300,7 @@ def test_masactrl_equals_naive_reference(sd, z_T):
 def pnp_setup(sd, z_T):
     layout = BatchLayout((Row("reference", "cond"), Row("target", "uncond"), Row("target", "cond")))
     traj = [torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(10 + i)) for i in range(STEPS + 1)]
-    inv = Inversion(z_T=traj[-1], trajectory=traj)
+    inv = Inversion("test", tuple(traj))
     emb = {Row("reference", "cond"): sd.embed([""]), Row("target", "uncond"): sd.embed(["ugly, blurry"]),
            Row("target", "cond"): sd.embed([TARGET])}
     return layout, inv, emb
@@ -309,9 +310,9 @@ def test_pnp_equals_naive_reference(sd, z_T):
     layout, inv, emb = pnp_setup(sd, z_T)
     ours = PlugAndPlay(sd.unet.attn_sites(), sd.unet.res_sites(), STEPS)
     ref = RefPnP(list(Schedule(steps=STEPS).timesteps))
-    a = denoise(sd, None, emb, layout, ours, inversion=inv, progress=False).latents
-    b = denoise(sd, None, emb, layout, ref, inversion=inv, progress=False).latents
-    plain = denoise(sd, None, emb, layout, NoControl(), inversion=inv, progress=False).latents
+    a = denoise(sd, layout, emb, inversion=inv, controllers=(ours,)).latents
+    b = denoise(sd, layout, emb, inversion=inv, controllers=(ref,)).latents
+    plain = denoise(sd, layout, emb, inversion=inv).latents
     assert rel(a, b) < 1e-4
     assert rel(a, plain) > 1e-2
     assert ours.sites_touched == 8 + 1  # self-attention of decoder blocks 8..15, one ResBlock
@@ -327,8 +328,8 @@ def test_controllers_that_edit_nothing_reproduce_the_uncontrolled_run_bit_for_bi
     assert idle_p2p.sites_touched == 0
     layout, inv, emb = pnp_setup(sd, z_T)
     idle_pnp = PlugAndPlay(sd.unet.attn_sites(), sd.unet.res_sites(), STEPS, feature_frac=0.0, attn_frac=0.0)
-    a = denoise(sd, None, emb, layout, idle_pnp, inversion=inv, progress=False).latents
-    b = denoise(sd, None, emb, layout, NoControl(), inversion=inv, progress=False).latents
+    a = denoise(sd, layout, emb, inversion=inv, controllers=(idle_pnp,)).latents
+    b = denoise(sd, layout, emb, inversion=inv).latents
     assert torch.equal(a, b)
 
 
@@ -338,8 +339,16 @@ def test_p2p_reports_the_sites_it_edits(sd, z_T):
     sites = sd.unet.attn_sites()
     expected = sum(s.kind == "cross" or s.level >= 1 for s in sites)  # level 0 (64x64 at 512 px) keeps its self map
     assert p2p.sites_touched == expected == 16 + 11
-    p2p.reset()
-    assert p2p.sites_touched == 0
+
+
+def test_a_controller_reused_for_a_second_run_starts_clean(sd, z_T):
+    """The loop starts every controller before step 0: LocalBlend's accumulated maps and the site
+    report of the first run do not leak into the second."""
+    reused = make_p2p(sd.tokenizer, SOURCE, TARGET, STEPS, P2PSettings(blend=("cake", "cake")))
+    first = run(sd, z_T, (SOURCE, TARGET), reused)
+    touched = set(reused.touched)
+    second = run(sd, z_T, (SOURCE, TARGET), reused)
+    assert torch.equal(first, second) and reused.touched == touched
 
 
 def test_step_window_bounds():
@@ -371,7 +380,7 @@ def naive_prox(u, c, scale, q, mode):
 def test_proximal_guidance_equals_naive(mode):
     g = torch.Generator().manual_seed(3)
     u, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    ours = Proximal(7.5, 0.75, mode).combine(u, c, None)
+    ours = Proximal(7.5, 0.75, mode).combine(u, c)
     assert torch.allclose(ours, naive_prox(u, c, 7.5, 0.75, mode), atol=1e-5)
     d = (ours - u) / 7.5
     assert float((d == 0).float().mean()) >= 0.74  # three quarters of the direction dropped

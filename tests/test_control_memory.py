@@ -1,4 +1,4 @@
-"""Controllers never build a self-attention probability map (DESIGN.md §5, ALGORITHMS.md B §6).
+"""Controllers never build a self-attention probability map (docs/architecture.md "The controller contract").
 
 A narrow UNet with attention at a 64x64 latent level (4096 tokens, as SD-1.4's level 0 at 512 px)
 and a 32x32 one (1024 tokens, where P2P's self replacement acts), every control window forced open
@@ -19,7 +19,8 @@ from control.masactrl import MutualSelfAttention
 from control.p2p import P2PSettings, make_p2p
 from control.pnp import PlugAndPlay
 from ldm.config import TINY, SDConfig, UNetConfig
-from ldm.context import AttnContext, BatchLayout, Row
+from kernels.attention import fused_attention
+from ldm.context import AttnContext, BatchLayout, Row, RunInfo
 from ldm.model import StableDiffusion
 
 LATENT = 64
@@ -40,14 +41,20 @@ class LargestTensor(TorchDispatchMode):
 
 
 class Watch:
-    """Hands every call to `inner`, recording the largest tensor made inside attend per site."""
+    """Hands every call to `inner`, recording the largest tensor made per site while the layer's
+    output is computed (by `inner`, or by the plain fused attention when `inner` passes)."""
 
     def __init__(self, inner) -> None:
         self.inner, self.per_site = inner, {}
 
+    def start(self, run):
+        self.inner.start(run)
+
     def attend(self, q, k, v, site, ctx):
         with LargestTensor() as probe:
             out = self.inner.attend(q, k, v, site, ctx)
+            if out is None:
+                out = fused_attention(q, k, v)
         key = (site.index, site.kind, q.shape[2])
         self.per_site[key] = max(self.per_site.get(key, 0), probe.numel)
         return out
@@ -60,9 +67,6 @@ class Watch:
 
     def end_step(self, ctx, latents):
         return self.inner.end_step(ctx, latents)
-
-    def reset(self):
-        self.inner.reset()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,8 @@ def test_no_self_attention_map_is_built(sd, name):
     watch = Watch(controller)
     x = torch.randn(len(layout), 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
     context = torch.randn(len(layout), 77, 32, generator=torch.Generator().manual_seed(1))
-    ctx = AttnContext(step=0, timestep=981, num_steps=10, layout=layout, controller=watch)
+    ctx = AttnContext(step=0, timestep=981, num_steps=10, layout=layout, controllers=(watch,))
+    watch.start(RunInfo(layout, 10, x.device, (LATENT, LATENT)))
     with torch.no_grad(), LargestTensor() as whole:
         watch.begin_step(ctx)
         sd.unet(x, torch.tensor(981), context, ctx)

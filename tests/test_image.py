@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ldm.errors import ImageError
-from ldm.image import decode, encode, load_image, parse_size
+from evaluation.images import decode, encode, load_image, parse_size
 from tests.oracle_fixtures import TINY_SD
 
 

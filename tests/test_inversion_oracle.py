@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from inversion.ddim import InversionConfig, invert_ddim
-from inversion.null_text import NullTextConfig, frozen, optimize_null_step
+from inversion.ddim import invert_ddim
+from inversion.method import InversionTask
+from inversion.null_text import NullTextSettings, optimize_null_step
 from ldm.context import BatchLayout
 from samplers.loop import denoise
+from samplers.noise import frozen_weights
+from samplers.schedule import Schedule
 from tests.oracle_fixtures import GUIDANCE, NULL_EMBEDDINGS, oracle_array, rel_rms
 
 pytestmark = pytest.mark.slow
@@ -25,7 +28,7 @@ RECON = "{}/blend-none/reconstruct_latent.npy"
 def reconstruct(sd, inversion, emb):
     """The reference's reconstruction pass: source prompt only, batch [E(""), E(src)], w 7.5."""
     c = torch.cat([emb["null"], emb["source"]])
-    return denoise(sd, None, c, BatchLayout.cfg(("source",)), None, GUIDANCE, inversion, progress=False).latents
+    return denoise(sd, BatchLayout.cfg(("source",)), c, inversion=inversion, guidance=GUIDANCE).latents
 
 
 def shift_rel(ours, ref, start):
@@ -42,7 +45,8 @@ def test_vae_latent_equals_reference(oracle_z0) -> None:
 @pytest.fixture(scope="module")
 def own_ddim(oracle_sd, oracle_z0, oracle_embeddings):
     """Our DDIM inversion from our own VAE latent (the only inversion here not on the reference's)."""
-    return invert_ddim(oracle_sd, oracle_z0, oracle_embeddings["source"], InversionConfig(50, GUIDANCE))
+    e = oracle_embeddings
+    return invert_ddim(oracle_sd, InversionTask(oracle_z0, e["source"], e["null"], Schedule(50), GUIDANCE))
 
 
 def test_ddim_inversion_trajectory_equals_reference(own_ddim) -> None:
@@ -72,7 +76,7 @@ def test_direct_inversion_matches_reference_in_both_forms(oracle_sd, oracle_inve
     e = oracle_embeddings
     c = torch.cat([e["null"], e["null"], e["source"], e["target"]])
     for form in ("direct", "direct-offset"):
-        out = denoise(oracle_sd, None, c, BatchLayout.cfg(), None, GUIDANCE, oracle_inversions[form], progress=False)
+        out = denoise(oracle_sd, BatchLayout.cfg(), c, inversion=oracle_inversions[form], guidance=GUIDANCE)
         assert (out.role("source") - oracle_trajectory[0]).abs().max() < 1e-4, form
         assert rel_rms(out.role("source"), ref[0]) < 1e-5, form
         assert rel_rms(out.role("target"), ref[1]) < 1e-2, form
@@ -94,9 +98,10 @@ def test_null_text_first_steps_optimise_to_the_reference_embeddings(oracle_sd, o
     ref = oracle_array(NULL_EMBEDDINGS)  # (50, 1, 77, 32)
     traj, null = oracle_trajectory, oracle_embeddings["null"]
     u, z = null, traj[-1]
-    with frozen(oracle_sd):
+    with frozen_weights(oracle_sd):
         for i in range(NULL_TEXT_STEPS_CHECKED):
-            u, z, losses = optimize_null_step(oracle_sd, z, i, u, oracle_embeddings["source"], traj[-2 - i], NullTextConfig())
+            u, z, losses = optimize_null_step(oracle_sd, z, i, u, oracle_embeddings["source"], traj[-2 - i], Schedule(50),
+                                              GUIDANCE, NullTextSettings())
             assert len(losses) == 10  # the reference's early stop never fired (README)
             assert shift_rel(u, ref[i], null) < 5e-3, i
 

@@ -1,12 +1,12 @@
 """The Triton attention kernel (run in Triton's CPU interpreter) and the dispatch of fused_attention.
 
-Oracle: kernels/reference.py, plain matmul-softmax-matmul in float32 (float64 for fp32 inputs),
-sharing no code with the kernel. Error budget (flash-attention's rule, STYLE.md §3.13): the
-kernel's max error against the oracle is at most twice the error of plain attention computed in
-the inputs' own dtype, plus a small absolute floor.
+Oracle: benchmarks/attention_reference.py, plain matmul-softmax-matmul in float32 (float64 for
+fp32 inputs), sharing no code with the kernel. Error budget (the rule of flash-attention's tests):
+the kernel's max error against the oracle is at most twice the error of plain attention computed
+in the inputs' own dtype, plus a small absolute floor.
 
-The interpreted runs happen in one child process with TRITON_INTERPRET=1 (kernels/interpret.py),
-so this test session keeps importing Triton normally. Shapes are small (N <= 77, 2 rows x 2
+The interpreted runs happen in one child process with TRITON_INTERPRET=1
+(benchmarks/triton_interpret.py), so this test session keeps importing Triton normally. Shapes are small (N <= 77, 2 rows x 2
 heads) to keep the interpreter fast: the whole module takes about 15 s on 2 CPU cores.
 """
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kernels.attention import fused_attention, fused_attention_rows
-from kernels.interpret import Job, run_interpreted
-from kernels.reference import attention_reference
+from benchmarks.triton_interpret import Job, run_interpreted
+from benchmarks.attention_reference import attention_reference
 
 HEAD_DIMS = (40, 80, 160)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -3,11 +3,12 @@
 A controller whose attend() calls fused_attention(..., backend="triton") (no global switch) runs
 every self- and cross-attention layer of the tiny random UNet through the kernel in Triton's CPU
 interpreter (a child process with TRITON_INTERPRET=1, so this session imports Triton normally).
-Oracle: the same UNet whose attention layers call the plain reference (kernels/reference.py) in
-float64 for fp32 models, float32 for bf16 ones, rounded back to the model dtype (the UNet itself
-cannot run in float64: its GroupNorm computes in float32). Budget: the Triton-path output is at
-most twice as far from the oracle as the ordinary SDPA path in the same dtype, plus a small
-floor. Takes about 20 s on 2 CPU cores (most of it the interpreter).
+Oracle: the same UNet whose attention layers call the plain reference
+(benchmarks/attention_reference.py) in float64 for fp32 models, float32 for bf16 ones, rounded
+back to the model dtype (the UNet itself cannot run in float64: its GroupNorm computes in
+float32). Budget: the Triton-path output is at most twice as far from the oracle as the ordinary
+SDPA path in the same dtype, plus a small floor. Takes about 20 s on 2 CPU cores (most of it the
+interpreter).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.reference import attention_reference
-from ldm.context import AttnContext, BatchLayout, NoControl
+from benchmarks.attention_reference import attention_reference
+from control.base import ControllerBase
+from ldm.context import AttnContext, BatchLayout
 from ldm.model import StableDiffusion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,24 +34,25 @@ CHILD = """
 import sys, torch
 from kernels.attention import fused_attention
 from kernels.triton_attention import interpreting
-from ldm.context import AttnContext, BatchLayout, NoControl
+from control.base import ControllerBase
+from ldm.context import AttnContext, BatchLayout
 from ldm.model import StableDiffusion
 
-class TritonAttention(NoControl):
+class TritonAttention(ControllerBase):
     def attend(self, q, k, v, site, ctx):
         return fused_attention(q, k, v, backend="triton")
 
 assert interpreting()
 inputs = torch.load(sys.argv[1], weights_only=True)
 sd = StableDiffusion.tiny_random(seed=0, dtype=inputs["dtype"])
-ctx = AttnContext(step=0, timestep=int(inputs["t"]), num_steps=1, layout=BatchLayout.cfg(), controller=TritonAttention())
+ctx = AttnContext(step=0, timestep=int(inputs["t"]), num_steps=1, layout=BatchLayout.cfg(), controllers=(TritonAttention(),))
 with torch.no_grad():
     out = sd.unet(inputs["x"], inputs["t"], inputs["context"], ctx)
 torch.save(out, sys.argv[2])
 """
 
 
-class ReferenceAttention(NoControl):
+class ReferenceAttention(ControllerBase):
     """Every attention layer computed by the plain reference in a wider dtype."""
 
     def attend(self, q, k, v, site, ctx):
@@ -84,7 +87,7 @@ def test_unet_with_forced_triton_attention_matches_sdpa_within_budget(dtype):
     out_triton = _run_triton_unet(x, t, context, dtype)
     with torch.no_grad():
         out_sdpa = sd.unet(x, t, context)  # ctx None: fused_attention's auto path, SDPA on CPU
-        ctx = AttnContext(step=0, timestep=500, num_steps=1, layout=BatchLayout.cfg(), controller=ReferenceAttention())
+        ctx = AttnContext(step=0, timestep=500, num_steps=1, layout=BatchLayout.cfg(), controllers=(ReferenceAttention(),))
         oracle = sd.unet(x, t, context, ctx).double()
     assert out_triton.shape == out_sdpa.shape == x.shape and out_triton.dtype == dtype
     err_triton = (out_triton.double() - oracle).abs().max().item()

@@ -16,9 +16,9 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.attention import fused_attention
+from control.base import ControllerBase
 from ldm.config import SD14, SD20_BASE, SD20_V, SD21_BASE, SD21_V, TINY, TINY_SD2, UNetConfig
-from ldm.context import AttnContext, BatchLayout, NoControl
+from ldm.context import AttnContext, BatchLayout
 from ldm.model import StableDiffusion, build_networks
 
 diffusers = pytest.importorskip("diffusers")
@@ -105,15 +105,16 @@ def test_sd21_attention_sites_are_64_wide_with_per_level_head_counts():
     assert heads == expected
 
 
-class DtypeRecorder(NoControl):
-    """Plain attention that notes the dtype each attention layer hands to the kernel."""
+class DtypeRecorder(ControllerBase):
+    """Notes the dtype each attention layer hands on, then leaves the call to plain attention."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.dtypes: set[torch.dtype] = set()
 
     def attend(self, q, k, v, site, ctx):
         self.dtypes |= {q.dtype, k.dtype, v.dtype}
-        return fused_attention(q, k, v)
+        return None
 
 
 def test_upcast_attention_runs_an_fp16_models_attention_in_fp32():
@@ -127,7 +128,7 @@ def test_upcast_attention_runs_an_fp16_models_attention_in_fp32():
         config = dataclasses.replace(TINY_SD2, unet=dataclasses.replace(TINY_SD2.unet, upcast_attention=upcast))
         sd = StableDiffusion.tiny_random(seed=0, dtype=dtype, config=config)
         recorder = DtypeRecorder()
-        ctx = AttnContext(step=0, timestep=501, num_steps=1, layout=BatchLayout.cfg(("source",)), controller=recorder)
+        ctx = AttnContext(step=0, timestep=501, num_steps=1, layout=BatchLayout.cfg(("source",)), controllers=(recorder,))
         with torch.no_grad():
             out = sd.unet(z.to(dtype), 501, sd.embed(["a cat", "a dog"]), ctx)
         assert out.dtype == dtype

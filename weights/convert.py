@@ -16,6 +16,7 @@ place, so an interrupted conversion never leaves a directory that `StableDiffusi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ldm.config import SD14, SD21_BASE, SD21_V, PredictionType, SDConfig
-from ldm.errors import ArgumentParser, UsageError, WeightsError
+from ldm.errors import UsageError, WeightsError
 from ldm.model import COMPONENTS, DTYPES, build_networks
 from ldm.tokenizer import Tokenizer, declared_pad_token, has_tokenizer_files
 from weights import identify, layouts, prediction
@@ -385,21 +386,19 @@ def convert(
     return dst
 
 
-def main(argv: list[str]) -> int:
-    parser = ArgumentParser(
-        prog="invedit convert",
-        description="Convert an SD-1.x or SD-2.x checkpoint (original .ckpt/.safetensors or a diffusers "
-        "folder) into an invedit model directory.",
-    )
+def add_arguments(parser: argparse.ArgumentParser, registry: object = None) -> None:
+    """`invedit convert` options (`registry` is unused: conversion knows no methods)."""
+    parser.description = ("Convert an SD-1.x or SD-2.x checkpoint (original .ckpt/.safetensors or a diffusers "
+                          "folder) into an invedit model directory.")
     parser.add_argument("src", help="sd-v1-4.ckpt, a same-layout .safetensors, or a diffusers folder")
     parser.add_argument("dst", help="new directory to write (must not exist, or be empty)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), help="store weights in this precision (default: as the source)"
     )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--ema", dest="ema", action="store_true", default=None, help="take the UNet from the EMA copy (required)"
-    )
+    group.add_argument("--ema", dest="ema", action="store_true", default=None,
+                       help="take the UNet from the EMA copy, and fail if the checkpoint has none "
+                            "(default: the EMA copy when present)")
     group.add_argument("--no-ema", dest="ema", action="store_false", help="never use the EMA copy")
     parser.add_argument(
         "--config", help="our config.json for a single-file checkpoint not shaped like SD-1.4 or SD-2.x"
@@ -410,7 +409,9 @@ def main(argv: list[str]) -> int:
         help="what the UNet predicts: the noise (eps: SD-1.x, SD-2.x 512 px base) or v (SD-2.x 768 px); "
         "needed for SD-2.x files whose scheduler config, metadata or .yaml does not say",
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, registry: object = None) -> int:
     out = convert(
         args.src, args.dst, dtype=args.dtype, ema=args.ema, config=args.config, prediction_type=args.prediction
     )

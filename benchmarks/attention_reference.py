@@ -1,11 +1,12 @@
-"""Plain-PyTorch attention, softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1): the kernel tests' oracle.
+"""Plain-PyTorch attention, softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1): the kernels' test oracle.
 
 Written out as matmul -> softmax -> matmul with nothing fused, so it shares no code with the
 kernels it checks. `dtype` is the precision it computes in: float32 (the default) is the oracle
 for fp16/bf16 kernels; float64 for checking fp32 kernels; passing the inputs' own dtype gives
 "plain torch attention in that dtype", the yardstick of the tests' error budget (a kernel may be
 at most about twice as far from the oracle as plain attention in the same dtype, the rule of
-flash-attention's tests).
+flash-attention's tests). `invedit bench kernel` times it and measures every provider against it.
+It is never used at inference.
 """
 
 from __future__ import annotations

@@ -1,30 +1,28 @@
 """`invedit bench kernel`: the attention kernel against every SDPA backend on the SD-1.4 shapes.
 
-What it measures (PERFORMANCE.md §6, metrics 1 and 2): for each controller shape at 4 rows x 8
-heads (self-attention 4096/40, 1024/80, 256/160, 64/160; cross-attention N x 77 at each level) and
-for the gathered mode (Q/K/V read from other rows, as MasaCtrl's target rows read the source's K
-and V), the median over >= 20 timed runs after warm-up (L2 flushed before each run, CUDA events) of
+What it measures (docs/performance.md): for each controller shape at 4 rows x 8 heads
+(self-attention 4096/40, 1024/80, 256/160, 64/160; cross-attention N x 77 at each level) and for
+the gathered mode (Q/K/V read from other rows, as MasaCtrl's target rows read the source's K and
+V), the median over >= 20 timed runs after warm-up (L2 flushed before each run, CUDA events) of
 - our Triton kernel (autotuned; the warm-up runs the autotuner),
 - `scaled_dot_product_attention` with each backend forced in turn (cuDNN, flash, efficient, math)
   and with PyTorch's own choice, timed twice to show the noise floor; in the gathered mode the SDPA
   time includes the index_select copy it needs,
-- the fp32 reference (kernels/reference.py),
-reporting TFLOP/s counted with the true head dim (4 B H N_q N_k d), the fraction of the bound of
-PERFORMANCE.md §4.1/§6 (max of: matmuls with d padded as FlashAttention pads it at the measured
-798 TFLOP/s, exponentials at 3.9 T/s, Q/K/V/O traffic at the measured copy bandwidth), and each
-output's max error against the fp32 reference. A forward+backward section times the gradient
-paths (kernels/attention.py: SDPA under "auto"; Triton forward + SDPA recompute under "triton").
-Writes benchmarks/results/kernel-<device>.json and .md.
+- the fp32 reference (benchmarks/attention_reference.py),
+reporting TFLOP/s counted with the true head dim (4 B H N_q N_k d), the fraction of the attention
+bound (the time no kernel can beat: the max of the matmuls with d padded as FlashAttention pads it
+at the measured 798 TFLOP/s, the exponentials at 3.9 T/s, and the Q/K/V/O traffic at the measured
+copy bandwidth), and each output's max error against the fp32 reference. A forward+backward
+section times the gradient paths (kernels/attention.py: SDPA under "auto"; Triton forward + SDPA
+recompute under "triton"). Writes kernel-<device>.json and .md into the output directory.
 
 Without a GPU it says so and runs the interpret-mode smoke set only (correctness at small shapes,
-no timings); `--static` compiles every candidate block config for sm_80 and sm_90a and records
-registers, spills and shared memory (kernels/static_check.py) in kernel-static.json/.md.
+no timings), written as kernel-cpu-interpret.json/.md. The `--static` compile sweep is
+benchmarks/kernel_static.py.
 """
 
 from __future__ import annotations
 
-import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.attention_reference import attention_reference
+from benchmarks.common import slug, versions
 from kernels.attention import fused_attention, fused_attention_rows
-from kernels.reference import attention_reference
+from ldm.files import write_bytes, write_json
 
 ROWS, HEADS = 4, 8
 # MasaCtrl's mutual self-attention on [u_src, u_tgt, c_src, c_tgt]: targets read the source's K, V
@@ -44,10 +44,12 @@ GATHER = ([0, 1, 2, 3], [0, 0, 2, 2], [0, 0, 2, 2])
 # (N_q, N_k, head_dim, label)
 SELF_SHAPES = [(4096, 4096, 40), (1024, 1024, 80), (256, 256, 160), (64, 64, 160)]
 CROSS_SHAPES = [(4096, 77, 40), (1024, 77, 80), (256, 77, 160), (64, 77, 160)]
-PEAK_MATMUL = 798e12  # bf16 matmul measured on the workplace's H100/H200 (PERFORMANCE.md §5.1)
-PEAK_EXP = 3.9e12  # MUFU exponentials per second on H100 (§4.1)
-BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}  # measured device-to-device copy rates (§5.1)
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+# The hardware ceilings of the attention bound (docs/performance.md): a bf16 8192^3 matmul measured
+# on the H100/H200 machines (the datasheet's 989 TFLOP/s is not reached in practice), the SFU's
+# exponential rate on H100, and measured device-to-device copy rates.
+PEAK_MATMUL = 798e12
+PEAK_EXP = 3.9e12
+BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Shape:
         return 4.0 * ROWS * HEADS * self.n_q * self.n_k * self.head_dim
 
     def bound_s(self, elem_bytes: int, bandwidth: float) -> float:
-        """PERFORMANCE.md §6 metric 2: the time no kernel can beat on this shape."""
+        """The attention bound: the time no kernel can beat on this shape (module docstring)."""
         padded = next(p for p in (32, 64, 96, 128, 192, 256) if p >= self.head_dim)  # FA-2/3 head-dim buckets
         matmul = 4.0 * ROWS * HEADS * self.n_q * self.n_k * padded / PEAK_MATMUL
         exps = ROWS * HEADS * self.n_q * self.n_k / PEAK_EXP
@@ -78,10 +80,6 @@ class Shape:
 def shapes() -> list[Shape]:
     plain = [Shape(*s) for s in SELF_SHAPES + CROSS_SHAPES]
     return plain + [Shape(*s, gathered=True) for s in SELF_SHAPES]
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # ---------------------------------------------------------------- GPU timing
@@ -225,7 +223,7 @@ def bench_backward(dtype: torch.dtype, warmup: int, repeats: int, flush: Tensor)
 def smoke_interpreted() -> dict[str, object]:
     """Each head dim, self / cross-77 / odd N / gathered rows, in fp16, bf16 and fp32, under the
     CPU interpreter: max error vs the fp32 reference and vs plain same-dtype attention."""
-    from kernels.interpret import Job, run_interpreted
+    from benchmarks.triton_interpret import Job, run_interpreted
 
     cases = []
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +264,8 @@ def _markdown_gpu(result: dict[str, object]) -> str:
         f"# Attention kernel benchmark on {result['device']}",
         "",
         f"{ROWS} rows x {HEADS} heads; median of the timed runs after warm-up, L2 flushed per run. "
-        "TFLOP/s counted with the true head dim; bound = PERFORMANCE.md §6 metric 2.",
+        "TFLOP/s counted with the true head dim; bound = max(padded matmuls at 798 TFLOP/s, "
+        "exponentials at 3.9 T/s, Q/K/V/O traffic at the measured copy bandwidth).",
         "",
         "| shape | provider | median ms | TFLOP/s | fraction of bound | max err vs fp32 | note |",
         "|---|---|---:|---:|---:|---:|---|",
@@ -299,110 +298,19 @@ def _fmt(x: object) -> str:
     return "-" if x is None else f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
-def _versions() -> dict[str, str]:
-    import triton
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-
-
-def run_static(out_dir: Path, jobs: int) -> None:
-    """Compile the candidates for sm_80 and sm_90a in two phases to bound the time (each compile
-    is 10-60 s on 2 cores): phase 1 the two-stage configs whose register estimate is plausible,
-    phase 2 the three-stage variants of those that passed on both archs (stages change shared
-    memory, barely registers). bf16 shares fp16's tiles and MMA shapes, so it uses the fp16 list."""
-    from kernels.static_check import (
-        REGISTER_ESTIMATE_LIMIT,
-        estimate_registers,
-        markdown_table,
-        passing_configs,
-        sweep,
-    )
-    from kernels.triton_attention import BlockConfig, block_d, candidate_configs
-    from ldm.files import write_bytes, write_json
-
-    start = time.perf_counter()
-    results, skipped = [], []
-    for d in (40, 80, 160):
-        for dtype in (torch.float16, torch.float32):
-            eb = torch.finfo(dtype).bits // 8
-            phase1 = []
-            for c in candidate_configs():
-                est = estimate_registers(c, block_d(d), eb)
-                if c.num_stages != 2:
-                    continue
-                if est > REGISTER_ESTIMATE_LIMIT:
-                    skipped.append({"head_dim": d, "dtype": str(dtype), "config": str(c), "estimated_registers": est,
-                                    "skipped": f"estimate > {REGISTER_ESTIMATE_LIMIT}"})
-                else:
-                    phase1.append(c)
-            first = sweep((d,), (dtype,), phase1, jobs=jobs)
-            ok = passing_configs(first).get((d, first[0].dtype), []) if first else []
-            stage3 = [BlockConfig(c.block_m, c.block_n, c.num_warps, 3) for c in phase1 if str(c) in ok]
-            skipped += [{"head_dim": d, "dtype": str(dtype), "config": str(BlockConfig(c.block_m, c.block_n, c.num_warps, 3)),
-                         "skipped": "its two-stage variant failed"} for c in phase1 if str(c) not in ok]
-            results += first + (sweep((d,), (dtype,), stage3, jobs=jobs) if stage3 else [])
-            print(f"static check d={d} {dtype}: {len(results)} compiled so far, {time.perf_counter() - start:.0f} s", flush=True)
-    passing = passing_configs(results)
-    write_json(
-        out_dir / "kernel-static.json",
-        {
-            "versions": _versions(),
-            "wall_s": round(time.perf_counter() - start, 1),
-            "passing": {f"d{d}-{t}": names for (d, t), names in passing.items()},
-            "results": [r.to_dict() for r in results],
-            "skipped": skipped,
-        },
-    )
-    header = (
-        "# Static compile check of the attention kernel (no GPU)\n\n"
-        "`triton.compile` for each target, registers and spills from `ptxas -v` on the PTX, shared memory "
-        "from the compiled metadata (kernels/static_check.py; `invedit bench kernel --static`). ok = no spills "
-        "and shared memory within the per-block limit (sm_80 166912 B, sm_90a 232448 B). Configs not compiled "
-        "(register estimate too high, or their two-stage variant failed) are listed in kernel-static.json.\n\n"
-    )
-    summary = "\n".join(f"- d={d} {t}: {', '.join(names) or 'none'}" for (d, t), names in passing.items())
-    write_bytes(
-        out_dir / "kernel-static.md",
-        (header + "Passing on both archs:\n\n" + summary + "\n\n" + markdown_table(results)).encode(),
-    )
-    print(f"static check: {len(results)} compiles, written to {out_dir}/kernel-static.json and .md")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ldm.errors import ArgumentParser
-
-    parser = ArgumentParser(prog="invedit bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="kernel", choices=["kernel"], help="what to benchmark")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
-    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30, help="timed runs per provider (>= 20)")
-    parser.add_argument("--static", action="store_true", help="compile every config for sm_80/sm_90a; no GPU needed")
-    parser.add_argument("--jobs", type=int, default=2, help="compile processes for --static")
-    args = parser.parse_args(argv)
-    from ldm.errors import UsageError
-    from ldm.files import write_bytes, write_json
-
-    if args.repeats < 20:
-        raise UsageError(f"--repeats {args.repeats}: need at least 20 timed runs for a median")
-    if args.static:
-        run_static(args.out, args.jobs)
-        return 0
+def run_kernel_bench(out_dir: Path, dtype: torch.dtype, warmup: int, repeats: int) -> list[Path]:
+    """Time the kernel on the GPU, or run the interpreter smoke set without one; print the table
+    and write it as JSON and markdown into out_dir. Returns the two paths."""
     if not torch.cuda.is_available():
         print("no CUDA GPU here: running the interpret-mode smoke set only (correctness, no timings)")
         result = smoke_interpreted()
         name, md = "kernel-cpu-interpret", _markdown_smoke(result)
     else:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        result = bench_gpu(dtype, args.warmup, args.repeats)
-        name, md = f"kernel-{device_slug(str(result['device']))}", _markdown_gpu(result)
-    result["versions"] = _versions()
-    write_json(args.out / f"{name}.json", result)
-    write_bytes(args.out / f"{name}.md", md.encode())
+        result = bench_gpu(dtype, warmup, repeats)
+        name, md = f"kernel-{slug(str(result['device']))}", _markdown_gpu(result)
+    result["versions"] = versions()
     print(md)
-    print(f"written: {args.out / name}.json and .md")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+    write_json(paths[0], result)
+    write_bytes(paths[1], md.encode())
+    return paths

@@ -1,4 +1,4 @@
-"""Images in and out of the latent space (ALGORITHMS.md part A §1.5).
+"""Images in and out of the latent space (docs/methods.md "Images and latents").
 
 Loading follows the reference's `load_512` (cure-lab/PnPInversion `utils/utils.py`): center-crop
 to the target aspect ratio along the longer side, then PIL's default resize (bicubic), then
@@ -11,6 +11,7 @@ as the reference's `latent2image` does.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ldm.errors import ImageError
 from ldm.files import atomic_path
+from ldm.model import StableDiffusion
 
 MULTIPLE = 64
 
@@ -90,20 +92,39 @@ def load_image(path: str | os.PathLike[str], size: str | int | tuple[int, int] =
     return center_crop_resize(read_rgb(path), parse_size(size))
 
 
+def check_image(image: np.ndarray) -> None:
+    """An (H, W, 3) uint8 array whose sides are multiples of 64, or ImageError."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ImageError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {tuple(image.shape)}")
+    h, w = image.shape[:2]
+    if h % MULTIPLE or w % MULTIPLE or not h or not w:
+        raise ImageError(f"image size {w}x{h}: width and height must be positive multiples of {MULTIPLE} "
+                         "(load it with load_image(path, size))")
+
+
+def file_info(path: str | os.PathLike[str]) -> dict[str, object]:
+    """What run.json records of an input image: path, original size and SHA-256 of the file."""
+    p = Path(path)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    with Image.open(p) as img:
+        width, height = img.size
+    return {"path": str(p), "width": width, "height": height, "sha256": digest}
+
+
 def to_tensor(image: np.ndarray) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1]."""
     return (torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).float() / 127.5 - 1).permute(2, 0, 1).unsqueeze(0)
 
 
 @torch.no_grad()
-def encode(sd: torch.nn.Module, image: np.ndarray) -> Tensor:
+def encode(sd: StableDiffusion, image: np.ndarray) -> Tensor:
     """(H, W, 3) uint8 -> z0 (1, 4, H/8, W/8) float32: posterior mean x scale_factor."""
     x = to_tensor(image).to(sd.device, sd.dtype)
     return sd.vae.encode(x).mean.float() * sd.config.vae.scale_factor
 
 
 @torch.no_grad()
-def decode(sd: torch.nn.Module, latents: Tensor) -> np.ndarray:
+def decode(sd: StableDiffusion, latents: Tensor) -> np.ndarray:
     """(B, 4, h, w) -> (B, 8h, 8w, 3) uint8; x/2 + 0.5 clamped, * 255 truncated like the reference."""
     x = sd.vae.decode((latents / sd.config.vae.scale_factor).to(sd.device, sd.dtype)).float()
     x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -114,3 +135,12 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     """Write (H, W, 3) uint8 as PNG atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
+
+
+def image_mse_psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """MSE over uint8 pixel values (0..255) and PSNR in dB (inf when identical)."""
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return mse, psnr

@@ -4,10 +4,14 @@ Triton decides at decoration time (`@triton.jit`, when kernels/triton_attention.
 whether kernels are compiled or interpreted, from TRITON_INTERPRET. A process that has already
 imported the kernel normally (any test session: ldm/ imports kernels/attention.py) cannot switch,
 and setting the variable in-process would leak into everything imported later. So interpreted
-runs happen in a fresh `python -m kernels.interpret` with TRITON_INTERPRET=1: the parent writes the
-inputs with torch.save, the child runs `fused_attention(..., backend="triton")` (or the rows
-variant) on each and writes the outputs. Used by the kernel tests and by `invedit bench kernel`
-on machines without a GPU.
+runs happen in a fresh `python -m benchmarks.triton_interpret` with TRITON_INTERPRET=1: the parent
+writes the inputs with torch.save, the child runs `fused_attention(..., backend="triton")` (or the
+rows variant) on each and writes the outputs. Used by the kernel tests and by `invedit bench
+kernel` on machines without a GPU.
+
+The child runs in, and imports from, the directory that holds the `benchmarks` and `kernels`
+packages: the checkout in a plain clone, site-packages in an installed copy. So it finds the same
+code as its parent whatever the user's current directory holds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# the directory holding the benchmarks/ and kernels/ packages (a checkout, or site-packages)
+PACKAGES_ROOT = Path(__file__).resolve().parent.parent
+CHILD_MODULE = "benchmarks.triton_interpret"
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ def run_interpreted(jobs: list[Job], timeout_s: float = 600.0) -> list[Tensor | 
         src, dst = Path(tmp) / "jobs.pt", Path(tmp) / "out.pt"
         torch.save([_to_dict(j) for j in jobs], src)
         env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGES_ROOT), env.get("PYTHONPATH")]))
         proc = subprocess.run(
-            [sys.executable, "-m", "kernels.interpret", str(src), str(dst)],
+            [sys.executable, "-m", CHILD_MODULE, str(src), str(dst)],
             env=env,
-            cwd=REPO_ROOT,
+            cwd=PACKAGES_ROOT,  # `-m` puts the cwd first on sys.path
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -76,7 +82,7 @@ def _child(src: Path, dst: Path) -> None:
     from kernels.triton_attention import INTERPRET_CONFIG, BlockConfig, interpreting, triton_attention
 
     if not interpreting():
-        raise SystemExit("kernels.interpret: run me with TRITON_INTERPRET=1 (use run_interpreted)")
+        raise SystemExit(f"{CHILD_MODULE}: run me with TRITON_INTERPRET=1 (use run_interpreted)")
     outs = []
     for job in torch.load(src, weights_only=True):
         q, k, v, rows, scale = job["q"], job["k"], job["v"], job["rows"], job["scale"]

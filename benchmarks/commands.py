@@ -1,0 +1,138 @@
+"""`invedit bench`: the benchmarks and kernel checks as subcommands; results go where `--out` says.
+
+cli.py builds the parser and calls `add_arguments(parser, registry)` then `run(args, registry)`.
+Each subcommand is one function below that adds its parser to the subparsers and sets
+`bench_run` to the function that runs it; adding a subcommand is writing that function and listing
+it in SUBCOMMANDS. Every subcommand writes into `--out` (default: the current directory), never
+into the source tree: benchmarks/results/ holds only the runs this repository records, copied
+there on purpose.
+
+Argparse errors go through the parser class cli.py passes (subparsers inherit it); bad values
+found later are raised as UsageError (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from ldm.errors import UsageError
+
+# (args, registry) -> exit code. The registry is cli.py's method registry; bench kernel needs none.
+Runner = Callable[[argparse.Namespace, Any], int]
+MIN_REPEATS = 20  # fewer timed runs make the median too noisy to compare providers
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """The --out option every bench subcommand has."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="directory for the result files, created if missing (default: the current directory)",
+    )
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot hold result files before any time is spent measuring."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+
+
+def _kernel(subparsers: argparse._SubParsersAction, registry: Any) -> None:
+    parser = subparsers.add_parser(
+        "kernel",
+        help="time the Triton attention kernel against each SDPA backend (--static: ptxas compile sweep)",
+        description=(
+            "Time the fused attention kernel against every SDPA backend on the SD-1.4 shapes and write "
+            "kernel-<device>.json/.md; without a GPU, run the Triton-interpreter smoke set (correctness, no "
+            "timings) and write kernel-cpu-interpret.json/.md. With --static, compile every block config for "
+            "sm_80 and sm_90a instead and write kernel-static.json/.md and autotune.json."
+        ),
+    )
+    add_out_option(parser)
+    parser.add_argument(
+        "--dtype", choices=["fp16", "bf16"], default="fp16", help="input dtype of the timed runs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        metavar="N",
+        help="untimed runs per provider before timing; the first ones run the autotuner (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=30,
+        metavar="N",
+        help=f"timed runs per provider, at least {MIN_REPEATS}; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help=(
+            "compile every candidate block config for sm_80 and sm_90a and read registers, spills and shared "
+            "memory from ptxas, instead of timing; needs no GPU, about 25 minutes on 2 cores (default: off)"
+        ),
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, metavar="N", help="compile processes for --static (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--exclude-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=(
+            "with --static: a recorded compile check by another Triton version (JSON with 'what', 'versions' "
+            "and 'failing', as benchmarks/results/kernel-static-triton3.6.json) whose failing configs "
+            "autotune.json excludes (default: keep the exclusions of the installed kernels/data/autotune.json)"
+        ),
+    )
+    parser.set_defaults(bench_run=_run_kernel)
+
+
+def _run_kernel(args: argparse.Namespace, registry: Any) -> int:
+    check_out(args.out)
+    if args.repeats < MIN_REPEATS:
+        raise UsageError(f"--repeats {args.repeats}: need at least {MIN_REPEATS} timed runs for a median")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be >= 1")
+    if args.exclude_from is not None and not args.static:
+        raise UsageError("--exclude-from applies to --static only")
+    if args.static:
+        from benchmarks.kernel_static import load_exclusions, run_sweep
+
+        paths = run_sweep(args.out, args.jobs, load_exclusions(args.exclude_from))
+        print(f"written: {', '.join(map(str, paths))}")
+        print(f"to make the kernel autotune over this sweep, copy {paths[-1]} to kernels/data/autotune.json")
+        return 0
+    import torch
+
+    from benchmarks.kernel_bench import run_kernel_bench
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    paths = run_kernel_bench(args.out, dtype, args.warmup, args.repeats)
+    print(f"written: {', '.join(map(str, paths))}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction, Any], None], ...] = (_kernel,)
+
+
+def add_arguments(parser: argparse.ArgumentParser, registry: Any) -> None:
+    """Add the bench subcommands to `parser` (cli.py's parser for `invedit bench`)."""
+    subparsers = parser.add_subparsers(dest="bench_what", required=True, metavar="WHAT", title="what to benchmark")
+    for add in SUBCOMMANDS:
+        add(subparsers, registry)
+
+
+def run(args: argparse.Namespace, registry: Any) -> int:
+    """Run the subcommand `args` was parsed for; returns the exit code."""
+    runner: Runner = args.bench_run
+    return runner(args, registry)

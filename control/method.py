@@ -1,0 +1,96 @@
+"""How an editing method declares itself, and the plan it makes for one edit.
+
+Every editing method is a module of this package exporting `METHOD = EditMethod(...)`: its name and
+the reference's names for it, its settings (a frozen `Settings` dataclass whose defaults are the
+reference's), the inversions it works with, and a `plan` function. `plan(facts, prompts, settings,
+sampling)` turns one edit request into an `EditPlan`: which batch rows the loop runs and with
+which text, the prompt the image is inverted with, the controllers, the guidance and any step
+hooks. A plan needs only the model's tokenizer and sites (`ModelFacts`), never its weights, so
+every word, prompt and layer choice is checked before anything is loaded or computed; a method
+whose settings would make it touch nothing refuses here.
+
+The dispatcher (evaluation/api.py) runs every plan the same way; nothing outside a method's module
+knows what the method does (docs/architecture.md "Adding a method").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from torch import Tensor
+
+from ldm.context import BatchLayout, Controller, Row
+from ldm.model import ModelFacts, StableDiffusion
+from samplers.guidance import Guidance
+from samplers.inversion import Inversion
+from samplers.loop import StepHook
+from samplers.settings import Alias, Settings
+
+
+@dataclass(frozen=True)
+class EditPrompts:
+    """The two prompts of an edit, cleaned (PIE-Bench's [ ] markers removed, whitespace normalised)."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The run-level settings every method sees: DDIM steps and the CFG scale of the edit."""
+
+    steps: int = 50
+    guidance: float = 7.5
+
+
+# prepare(sd, inversion, embeddings by prompt text, progress) -> the inversion the loop should read
+Prepare = Callable[[StableDiffusion, Inversion, Mapping[str, Tensor], bool], Inversion]
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Everything the dispatcher needs to run one edit of a method.
+
+    layout: the named batch rows of the UNet call; prompts: the text of every row (the null rows of
+        null-text / negative-prompt inversions are replaced by the inversion's embeddings in the loop).
+    inversion_prompt: the prompt the image is inverted with (MasaCtrl: "").
+    controllers: in composition order (ldm/context.py); guidance: how each role's rows combine.
+    hooks: step hooks that may take gradients before each UNet call (samplers/loop.py).
+    prepare: an optional transformation of the inversion before the loop (Plug-and-Play feeds its
+        reference row from a reconstruction when the inversion does not pin the source).
+    """
+
+    layout: BatchLayout
+    prompts: Mapping[Row, str]
+    inversion_prompt: str
+    guidance: Guidance
+    controllers: tuple[Controller, ...] = ()
+    hooks: tuple[StepHook, ...] = ()
+    prepare: Prepare | None = None
+
+    def __post_init__(self) -> None:
+        missing = [row for row in self.layout.rows if row not in self.prompts]
+        if missing:
+            raise ValueError(f"the plan gives no prompt for rows {missing} of {self.layout}")
+
+
+PlanFn = Callable[[ModelFacts, EditPrompts, Settings, Sampling], EditPlan]
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """An editing method as the registry, the command line and the benchmark runner see it.
+
+    name: the command-line name (`--control NAME`); aliases: the reference's index names, maybe
+        implying settings (e.g. "proximal-guidance" = p2p with --prox l0).
+    inversions: the inversion methods this one works with (None: any).
+    """
+
+    name: str
+    summary: str
+    settings: type[Settings]
+    plan: PlanFn
+    aliases: tuple[Alias, ...] = ()
+    inversions: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = field(default=())  # extra lines for `invedit methods`

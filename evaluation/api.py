@@ -1,0 +1,303 @@
+"""The editing API: invert, reconstruct and edit a photo in memory, without writing any file.
+
+    sd = StableDiffusion.load("models/sd14")
+    image = load_image("cake.jpg", 512)
+    spec = Registry().edit_spec("directinversion+p2p", source="a round cake", target="a square cake",
+                                blend=("cake", "cake"))
+    result = edit(sd, image, spec)          # result.edited: (512, 512, 3) uint8
+
+`edit` runs every editing method the same way (docs/architecture.md "One edit, step by step"):
+clean the prompts, ask the method for its plan (rows, texts, controllers, guidance; words and
+layers are checked here, before any compute), encode the image, embed every text in one call,
+invert (unless an inversion is passed in: invert once, edit many times), let the plan prepare the
+inversion, run the one loop (samplers/loop.py) with a cross-attention recorder composed in front of
+the method's controllers, decode. `reconstruct` is the same with the source prompt alone and no
+controller; `invert` stops after the inversion. The command line (evaluation/commands/) and the
+benchmark runner call these functions and write files around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.record import CrossMapRecorder
+from control.words import strip_brackets, token_ids
+from evaluation.images import check_image, decode, encode, to_tensor
+from evaluation.timing import StageTimer
+from inversion.method import InversionMethod, InversionTask
+from ldm.context import BatchLayout, Row
+from ldm.errors import UsageError
+from ldm.model import StableDiffusion
+from samplers.inversion import Inversion
+from samplers.loop import denoise
+from samplers.schedule import Schedule
+from samplers.settings import Settings
+
+MAX_STEPS = 1000
+
+
+def _check_run(steps: int, guidance: float) -> None:
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps}: expected 1..{MAX_STEPS}")
+    if not np.isfinite(guidance):
+        raise UsageError(f"--guidance {guidance}: expected a finite number")
+
+
+@dataclass(frozen=True)
+class InversionSpec:
+    """How to invert one image: the prompt, the method and its settings, the grid, the guidance the
+    edit will use (null-text and DirectInversion's offset form optimise / record against it)."""
+
+    prompt: str
+    method: InversionMethod
+    settings: Settings
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check_run(self.steps, self.guidance)
+        if not isinstance(self.settings, self.method.settings):
+            raise TypeError(f"{self.method.name} takes {self.method.settings.__name__}, not {type(self.settings).__name__}")
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Every setting of one edit. Registry.edit_spec builds one from names; defaults are PIE-Bench's."""
+
+    source: str
+    target: str
+    inversion: InversionMethod
+    inversion_settings: Settings
+    method: EditMethod
+    method_settings: Settings
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check_run(self.steps, self.guidance)
+        for method, settings in ((self.inversion, self.inversion_settings), (self.method, self.method_settings)):
+            if not isinstance(settings, method.settings):
+                raise TypeError(f"{method.name} takes {method.settings.__name__}, not {type(settings).__name__}")
+        if self.method.inversions is not None and self.inversion.name not in self.method.inversions:
+            raise UsageError(f"--control {self.method.name} works with --inversion "
+                             f"{' or '.join(self.method.inversions)}, not {self.inversion.name}")
+
+    @property
+    def prompts(self) -> EditPrompts:
+        """PIE-style prompts: brackets removed, whitespace normalised."""
+        return EditPrompts(strip_brackets(self.source), strip_brackets(self.target))
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.steps, self.guidance)
+
+    @property
+    def name(self) -> str:
+        return f"{self.inversion.name}+{self.method.name}"
+
+    def with_target(self, target: str) -> "EditSpec":
+        return replace(self, target=target)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, for run.json."""
+        return {
+            "source": self.prompts.source, "target": self.prompts.target,
+            "inversion": self.inversion.name, "inversion_settings": self.inversion_settings.as_dict(),
+            "method": self.method.name, "method_settings": self.method_settings.as_dict(),
+            "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
+        }
+
+    def inversion_spec(self, plan: EditPlan) -> InversionSpec:
+        return InversionSpec(plan.inversion_prompt, self.inversion, self.inversion_settings, self.steps, self.guidance,
+                             self.seed)
+
+
+def plan_edit(facts_or_sd: Any, spec: EditSpec) -> EditPlan:
+    """The method's plan for this edit: every prompt, word and layer choice is checked here, with
+    the tokenizer and the UNet's sites only (ModelFacts or a loaded StableDiffusion)."""
+    facts = facts_or_sd.facts() if isinstance(facts_or_sd, StableDiffusion) else facts_or_sd
+    plan = spec.method.plan(facts, spec.prompts, spec.method_settings, spec.sampling)
+    for text in {plan.inversion_prompt, *plan.prompts.values()}:
+        token_ids(facts.tokenizer, text)  # refuses prompts over 75 tokens
+    return plan
+
+
+def embed_texts(sd: StableDiffusion, texts: list[str]) -> dict[str, Tensor]:
+    """Each distinct text embedded once, all in one text-encoder call: every use of a text then
+    reads the very same tensor (DirectInversion's offsets need bit-identical uncond inputs)."""
+    unique = list(dict.fromkeys(["", *texts]))
+    return dict(zip(unique, sd.embed(unique).split(1)))
+
+
+def inversion_task(spec: InversionSpec, z0: Tensor, embeddings: Mapping[str, Tensor], *, image: np.ndarray | None,
+                   target: Tensor | None = None, trajectory: tuple[Tensor, ...] | None = None,
+                   progress: bool = False) -> InversionTask:
+    return InversionTask(
+        z0=z0, prompt=embeddings[spec.prompt], null=embeddings[""], schedule=Schedule(steps=spec.steps),
+        guidance=spec.guidance, target=target, trajectory=trajectory,
+        image=None if image is None else to_tensor(image).to(z0.device), seed=spec.seed, progress=progress,
+    )
+
+
+def run_inversion(sd: StableDiffusion, spec: InversionSpec, task: InversionTask) -> Inversion:
+    with torch.random.fork_rng(devices=[]):  # a stochastic method's draws never disturb the caller's RNG
+        return spec.method.invert(sd, task, spec.settings)
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One edit, in memory.
+
+    latents: (2, 4, h, w) final latents, row 0 the source branch, row 1 the target.
+    reconstruction / edited: (H, W, 3) uint8 decodes of the two rows.
+    attention: (77, h', w') the target's mean cross-attention map per token at the 16x16-at-512
+        level, over the whole run (None if the method's rows have no conditional target).
+    sites: the attention/feature sites the method edited ("self:10:output_blocks...").
+    unet_rows: UNet batch-row evaluations per stage; timings: seconds per stage.
+    """
+
+    spec: EditSpec
+    inversion_prompt: str
+    z0: Tensor
+    latents: Tensor
+    reconstruction: np.ndarray
+    edited: np.ndarray
+    inversion: Inversion
+    attention: Tensor | None
+    sites: tuple[str, ...]
+    unet_rows: Mapping[str, int]
+    timings: Mapping[str, float]
+
+    @property
+    def prompts(self) -> EditPrompts:
+        return self.spec.prompts
+
+
+def edit(
+    sd: StableDiffusion,
+    image: np.ndarray,
+    spec: EditSpec,
+    *,
+    inversion: Inversion | None = None,
+    trajectory: tuple[Tensor, ...] | None = None,
+    progress: bool = False,
+    timer: StageTimer | None = None,
+) -> EditResult:
+    """Invert `image` ((H, W, 3) uint8, sides multiples of 64) and edit it as `spec` says.
+
+    inversion: an inversion of this image under the plan's inversion prompt, made earlier (by
+        `invert`, or read from an inversion file): the edit starts from it without inverting again.
+    trajectory: a DDIM trajectory of the image under the inversion prompt already computed (the
+        benchmark runner shares one between the methods that start from it).
+    """
+    timer = timer or StageTimer()
+    plan = plan_edit(sd, spec)
+    inv_spec = spec.inversion_spec(plan)
+    z0, embeddings = edit_inputs(sd, image, spec, plan, timer)
+    rows: dict[str, int] = {}
+    if inversion is None:
+        task = inversion_task(inv_spec, z0, embeddings, image=image, target=embeddings[spec.prompts.target],
+                              trajectory=trajectory, progress=progress)
+        with timer("invert"):
+            inversion = run_inversion(sd, inv_spec, task)
+        rows["inversion"] = inversion.cost.unet_rows
+    elif inversion.steps != spec.steps or inversion.latent_shape != tuple(z0.shape):
+        raise UsageError(f"the inversion has {inversion.steps} steps of latents {inversion.latent_shape}; this edit "
+                         f"needs {spec.steps} steps of {tuple(z0.shape)}")
+    feed = inversion
+    if plan.prepare is not None:
+        with timer("prepare"):
+            feed = plan.prepare(sd, inversion, embeddings, progress)
+    recorder = CrossMapRecorder("target")
+    texts = {row: embeddings[text] for row, text in plan.prompts.items()}
+    with timer("edit"):
+        out = denoise(sd, plan.layout, texts, inversion=feed, controllers=(recorder, *plan.controllers),
+                      guidance=plan.guidance, hooks=plan.hooks, progress=progress, desc="edit")
+    rows["edit"] = out.unet_rows
+    if plan.prepare is not None and feed is not inversion:
+        rows["prepare"] = feed.steps  # a 1-row reconstruction pass
+    # the source branch: its stepped row, or, when the source is a reference row fed from the
+    # (prepared) inversion, the latent it was fed last
+    source = out.role("source") if "source" in out.roles else feed.z0.to(out.latents)
+    latents = torch.cat([source, out.role("target")])
+    with timer("decode"):
+        reconstruction, edited = decode(sd, latents)
+    sites = sorted({site for c in plan.controllers for site in getattr(c, "touched", ())})
+    return EditResult(
+        spec=spec, inversion_prompt=plan.inversion_prompt, z0=z0, latents=latents, reconstruction=reconstruction, edited=edited, inversion=inversion,
+        attention=recorder.mean_maps(), sites=tuple(f"{kind}:{index}:{name}" for kind, index, name in sites),
+        unet_rows={**rows, "total": sum(rows.values())}, timings=timer.as_dict(),
+    )
+
+
+def _encode(sd: StableDiffusion, image: np.ndarray, texts: list[str], timer: StageTimer) -> tuple[Tensor, dict[str, Tensor]]:
+    check_image(image)
+    with timer("encode"):
+        return encode(sd, image), embed_texts(sd, texts)
+
+
+def edit_inputs(sd: StableDiffusion, image: np.ndarray, spec: EditSpec, plan: EditPlan,
+                timer: StageTimer | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """z0 and the embeddings of every text an edit uses, as `edit` computes them (an inversion made
+    for this edit elsewhere must see the very same tensors)."""
+    texts = [plan.inversion_prompt, spec.prompts.target, *plan.prompts.values()]
+    return _encode(sd, image, texts, timer or StageTimer())
+
+
+def invert(sd: StableDiffusion, image: np.ndarray, spec: InversionSpec, *, target: str | None = None,
+           progress: bool = False, timer: StageTimer | None = None) -> Inversion:
+    """Invert `image` under spec.prompt (brackets removed). target: the edit's target prompt, for
+    methods that record in the edit's own batch (DirectInversion's offset form)."""
+    timer = timer or StageTimer()
+    spec = replace(spec, prompt=strip_brackets(spec.prompt))
+    target = strip_brackets(target) if target else None
+    z0, embeddings = _encode(sd, image, [spec.prompt, *([target] if target else [])], timer)
+    task = inversion_task(spec, z0, embeddings, image=image, progress=progress,
+                          target=embeddings[target] if target else None)
+    with timer("invert"):
+        return run_inversion(sd, spec, task)
+
+
+@dataclass(frozen=True)
+class ReconstructResult:
+    """latent: (1, 4, h, w) final latent of the source prompt alone; image: its decode."""
+
+    spec: InversionSpec
+    z0: Tensor
+    latent: Tensor
+    image: np.ndarray
+    inversion: Inversion
+    unet_rows: Mapping[str, int]
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def reconstruct(sd: StableDiffusion, image: np.ndarray, spec: InversionSpec, *, inversion: Inversion | None = None,
+                progress: bool = False, timer: StageTimer | None = None) -> ReconstructResult:
+    """Invert `image` and denoise it back with its own prompt: rows [E(""), E(prompt)], the edit's
+    guidance, no controller. The first test of every inversion method."""
+    timer = timer or StageTimer()
+    spec = replace(spec, prompt=strip_brackets(spec.prompt))
+    z0, embeddings = _encode(sd, image, [spec.prompt], timer)
+    if inversion is None:
+        task = inversion_task(spec, z0, embeddings, image=image, progress=progress)
+        with timer("invert"):
+            inversion = run_inversion(sd, spec, task)
+    prompt = spec.prompt
+    layout = BatchLayout.cfg(("source",))
+    texts = {Row("source", "uncond"): embeddings[""], Row("source", "cond"): embeddings[prompt]}
+    with timer("denoise"):
+        out = denoise(sd, layout, texts, inversion=inversion, guidance=spec.guidance, progress=progress,
+                      desc="reconstruct")
+    with timer("decode"):
+        recon = decode(sd, out.latents)[0]
+    rows = {"inversion": inversion.cost.unet_rows, "denoise": out.unet_rows}
+    return ReconstructResult(spec, z0, out.latents, recon, inversion, {**rows, "total": sum(rows.values())},
+                             timer.as_dict())

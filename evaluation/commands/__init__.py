@@ -1,0 +1,1 @@
+"""The command modules of `invedit` (cli.py dispatches to them)."""

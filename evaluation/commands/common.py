@@ -1,0 +1,82 @@
+"""What the run commands (edit, reconstruct, invert) share between parsing and computing: checked
+run options, the model, the input image and the run.json sections describing them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.images import file_info, load_image, parse_size
+from ldm.errors import UsageError
+from ldm.model import DTYPES, StableDiffusion, open_model
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    size: tuple[int, int]  # (width, height) in pixels
+    dtype: torch.dtype | None
+    device: torch.device
+    progress: bool
+
+
+def check_device(name: str) -> torch.device:
+    """A torch device this machine has, or a one-line error naming the ones it has."""
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name; this machine has {', '.join(available)}") from None
+    usable = (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()
+              and (device.index or 0) < torch.cuda.device_count()) or (device.type == "mps" and "mps" in available))
+    if not usable:
+        raise UsageError(f"--device {name}: not available here; this machine has {', '.join(available)}")
+    return device
+
+
+def check_run_options(args: argparse.Namespace) -> RunOptions:
+    """Everything checkable before a weight is loaded or an image is read."""
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise UsageError(f"--steps {args.steps}: expected 1..1000")
+    if not np.isfinite(args.guidance):
+        raise UsageError(f"--guidance {args.guidance}: expected a finite number")
+    return RunOptions(parse_size(args.size), DTYPES[args.dtype] if args.dtype else None, check_device(args.device),
+                      not args.no_progress)
+
+
+def load_model(args: argparse.Namespace, run: RunOptions) -> StableDiffusion:
+    return open_model(args.model, run.dtype, run.device)
+
+
+def read_image(path: str, run: RunOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """The photo, cropped and resized for the run, and what run.json records of the file."""
+    image = load_image(path, run.size)
+    return image, {**file_info(path), "used_size": list(run.size)}
+
+
+def model_section(args: argparse.Namespace, sd: StableDiffusion) -> dict[str, Any]:
+    return {"spec": args.model, "dtype": str(sd.dtype), "device": str(sd.device)}
+
+
+def check_output_file(path: str, suffix: str) -> Path:
+    """An output file path that can be written: not a folder, parent writable, given suffix."""
+    p = Path(path)
+    if p.suffix != suffix:
+        raise UsageError(f"output {p}: expected a {suffix} file name")
+    if p.is_dir():
+        raise UsageError(f"output {p} is a directory; expected a {suffix} file name")
+    parent = p.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write the output {p}: {err.strerror or err}") from None
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise UsageError(f"cannot write the output {p}: its folder is not writable")
+    return p
