@@ -6,10 +6,15 @@ projections, bias on the output. The layer never decides how Q, K and V are comb
 them to the sampler's controllers through `AttnContext.attend` (docs/architecture.md), which pick
 which rows feed which output row and call the fused kernel. Without a context (a plain network
 call) the layer calls the fused kernel itself.
+
+`upcast` (UNetConfig.upcast_attention, SD-2.1-768-v) hands Q, K and V to that call in float32
+when the weights are fp16/bf16 and casts the result back, so scores, softmax and the weighted sum
+are float32 on every backend and under every controller.
 """
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -18,10 +23,11 @@ from ldm.context import AttnContext, AttnSite
 
 
 class Attention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool = False) -> None:
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -36,9 +42,11 @@ class Attention(nn.Module):
             rearrange(proj(src), "b n (h d) -> b h n d", h=self.heads)
             for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
         if ctx is None:
             out = fused_attention(q, k, v)
         else:
             assert self.site is not None, "attention layer used under a controller without a site"
             out = ctx.attend(q, k, v, self.site)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(rearrange(out.to(x.dtype), "b h n d -> b n (h d)"))

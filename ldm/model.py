@@ -1,8 +1,9 @@
-"""StableDiffusion: the three SD-1.x networks, the tokenizer and the config, and how to load them.
+"""StableDiffusion: the three networks, the tokenizer and the config, and how to load them.
 
 Our on-disk format (docs/weights.md) is one directory: unet.safetensors, vae.safetensors,
-text.safetensors (tensor names = our module names), config.json (SDConfig) and tokenizer/
-(vocab.json + merges.txt). `weights/convert.py` produces it from the real-world layouts. Loading
+text.safetensors (tensor names = our module names), config.json (SDConfig: the architecture, the
+prediction type and the padding token, so every command knows which model it runs) and tokenizer/
+(files transformers reads). `weights/convert.py` produces it from the real-world layouts. Loading
 checks every key, shape and dtype against the config before any tensor is copied, then assigns
 the tensors to modules built on the meta device, so a full model costs no random initialisation.
 The noise schedule belongs to samplers/, so nothing here knows about sampling.
@@ -104,19 +105,20 @@ class StableDiffusion(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         nets = build_networks(config)
         states = {name: random_state_dict(net, generator, dtype) for name, net in nets.items()}
-        return cls.from_state_dicts(config, states, Tokenizer.bundled())
+        return cls.from_state_dicts(config, states, Tokenizer.bundled(config.text.pad_token))
 
     @classmethod
     def load(cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "StableDiffusion":
         """Load our directory format; dtype None keeps the stored dtype."""
         directory = Path(directory)
         config = read_config(directory)
+        tokenizer = read_tokenizer(directory, config)
         expected = {name: net.state_dict() for name, net in build_networks(config).items()}
         states = {}
         for name in COMPONENTS:
             tensors = read_safetensors(directory / f"{name}.safetensors", expected[name])
             states[name] = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
-        return cls.from_state_dicts(config, states, Tokenizer.from_dir(directory / "tokenizer"))
+        return cls.from_state_dicts(config, states, tokenizer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,14 +162,22 @@ def read_config(directory: str | Path) -> SDConfig:
     try:
         return SDConfig.from_dict(json.loads(config_path.read_text()))
     except (ValueError, TypeError) as err:
-        raise WeightsError(f"{config_path} is not a valid SD-1 config: {err}") from None
+        raise WeightsError(f"{config_path} is not a valid invedit model config: {err}") from None
+
+
+def read_tokenizer(directory: str | Path, config: SDConfig) -> Tokenizer:
+    """A model directory's tokenizer, padding as its config says, checked to fit the text encoder."""
+    tokenizer = Tokenizer.from_dir(Path(directory) / "tokenizer", config.text.pad_token)
+    tokenizer.check_fits(config.text.vocab_size, str(Path(directory) / "tokenizer"))
+    return tokenizer
 
 
 def model_facts(spec: str) -> ModelFacts:
     """ModelFacts of `tiny-random` or a converted directory, reading no weights."""
     if spec == "tiny-random":
-        return ModelFacts.of(TINY, Tokenizer.bundled())
-    return ModelFacts.of(read_config(spec), Tokenizer.from_dir(Path(spec) / "tokenizer"))
+        return ModelFacts.of(TINY, Tokenizer.bundled(TINY.text.pad_token))
+    config = read_config(spec)
+    return ModelFacts.of(config, read_tokenizer(spec, config))
 
 
 def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StableDiffusion:

@@ -1,15 +1,20 @@
-"""The CLIP ViT-L/14 text transformer SD-1.4 conditions on (Radford et al. 2021), HF names.
+"""The CLIP text transformer Stable Diffusion conditions on (Radford et al. 2021), HF names.
 
-Pre-LN causal transformer: x += attn(LN1(x)); x += MLP(LN2(x)) with quick-GELU
-(x * sigmoid(1.702 x)); the output SD uses is `last_hidden_state`, the final LayerNorm of the
-last layer (not the pooled output, not the penultimate layer). Parameter names follow
-transformers' CLIPTextModel without the `text_model.` prefix (transformers >= 5.6 flattening),
-which is the original checkpoint's `cond_stage_model.transformer.text_model.` with that stripped.
+Pre-LN causal transformer: x += attn(LN1(x)); x += MLP(LN2(x)); the output SD uses is the final
+LayerNorm applied to the last *built* layer (not the pooled output). Two towers, one code path:
+- SD-1: OpenAI CLIP ViT-L/14, quick-GELU (x * sigmoid(1.702 x)), all 12 layers.
+- SD-2: OpenCLIP ViT-H/14 (Cherti et al. 2023), exact GELU, read at the penultimate of its 24
+  layers and then `ln_final` (Stability-AI/stablediffusion: ldm/modules/encoders/modules.py,
+  `FrozenOpenCLIPEmbedder`, layer="penultimate"); the config builds 23 layers, as diffusers does.
+Parameter names follow transformers' CLIPTextModel without the `text_model.` prefix
+(transformers >= 5.6 flattening), which is SD-1's original `cond_stage_model.transformer.text_model.`
+with that stripped; SD-2's OpenCLIP names are mapped by weights/layouts.py.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -33,15 +38,23 @@ class SelfAttention(nn.Module):
         return self.out_proj(rearrange(fused_attention(q, k, v, causal=True), "b h n d -> b n (h d)"))
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # F.gelu: the exact erf form
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -49,7 +62,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,8 +94,6 @@ class Encoder(nn.Module):
 class CLIPTextModel(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        if cfg.hidden_act != "quick_gelu":
-            raise ValueError(f"SD-1 text encoders use quick_gelu, not {cfg.hidden_act}")
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)

@@ -1,9 +1,12 @@
-"""The SD-1.x denoising UNet eps(z_t, t, c) (Rombach et al. 2022, LDM eq. 2), CompVis layout.
+"""The Stable Diffusion denoising UNet eps(z_t, t, c) (Rombach et al. 2022, LDM eq. 2), CompVis layout.
 
 Module names equal the keys of the original checkpoint under `model.diffusion_model.`
 (input_blocks / middle_block / output_blocks, in_layers / emb_layers / out_layers /
 skip_connection, proj_in / transformer_blocks / proj_out, attn1 / attn2 / ff), so the original
 weights load by stripping that prefix. docs/weights.md lists the architecture facts used here.
+One class serves SD-1.x and SD-2.x: the differences (linear proj_in/proj_out, 64-wide heads,
+1024-wide context, float32 attention, and whether the output is eps or v, which this module does
+not interpret) are fields of UNetConfig.
 
 Every attention layer gets a static `AttnSite` and every ResBlock a `ResSite` at construction,
 numbered in execution order, so controllers select layers by query (`attn_sites()`), never by
@@ -89,11 +92,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN: self-attention, cross-attention on the text, GEGLU feed-forward; each residual."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool) -> None:
         super().__init__()
-        self.attn1 = Attention(dim, dim, heads, head_dim)
+        self.attn1 = Attention(dim, dim, heads, head_dim, upcast)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, context_dim, heads, head_dim)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -115,13 +118,15 @@ class SpatialTransformer(nn.Module):
         proj = (lambda: nn.Linear(ch, ch)) if self.linear else (lambda: nn.Conv2d(ch, ch, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(ch, heads, head_dim, cfg.context_dim) for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(ch, heads, head_dim, cfg.context_dim, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth)
         )
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor, ctx: AttnContext | None) -> Tensor:
         _, _, height, width = x.shape
         h = self.norm(x)
+        # SD-1 projects with 1x1 convs before flattening, SD-2 with linears after: the same map.
         if not self.linear:
             h = self.proj_in(h)
         h = rearrange(h, "b c h w -> b (h w) c")  # tokens in row-major pixel order

@@ -82,7 +82,7 @@ def test_wrong_family_config_is_refused(tiny, tmp_path):
     config = json.loads((directory / "config.json").read_text())
     config["unet"]["num_heads"] = [3, 3, 3, 3]  # 32 channels do not split into 3 heads
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match="not a valid SD-1 config"):
+    with pytest.raises(WeightsError, match="not a valid invedit model config"):
         StableDiffusion.load(directory)
 
 
@@ -97,3 +97,17 @@ def test_half_precision_models_run_on_cpu_close_to_fp32(tiny, dtype, tolerance):
         decoded = low.vae.decode(z.to(dtype))
     assert out.dtype == dtype and decoded.dtype == dtype
     assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
+
+
+def test_directories_written_before_sd2_support_load_as_eps_models_padded_with_eos(tiny, tmp_path):
+    """Older config.json files lack prediction_type, upcast_attention and pad_token, and older
+    tokenizer folders hold only vocab.json + merges.txt: they are SD-1 models, and load as such."""
+    directory = write_dir(tiny, tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    for section, key in (("unet", "prediction_type"), ("unet", "upcast_attention"), ("text", "pad_token")):
+        del config[section][key]
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer" / "special_tokens_map.json").unlink()
+    sd = StableDiffusion.load(directory)
+    assert sd.config == tiny.config and sd.config.unet.prediction_type == "epsilon"
+    assert sd.tokenizer(["a cat"])[0, 3:].tolist() == [49407] * 74

@@ -1,5 +1,6 @@
 """Our UNet, VAE and CLIP text encoder compute what diffusers' / transformers' do, with the
-original checkpoint's parameter names.
+original checkpoint's parameter names, for SD-1 and SD-2 shapes (test_networks_sd2.py has the rest
+of SD-2: the penultimate-layer text output, float32 attention, the full-size SD-2.1 networks).
 
 Weights travel by an independent key map: our state dict is written under the original
 checkpoint's prefixes and converted by diffusers' own single-file conversion code
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.config import SD14, TINY, SDConfig, UNetConfig, VAEConfig, TextConfig
+from ldm.config import SD14, TINY, TINY_SD2, SDConfig, TextConfig, UNetConfig, VAEConfig
 from ldm.model import build_networks, random_state_dict
 
 diffusers = pytest.importorskip("diffusers")
@@ -26,6 +27,20 @@ SD_SHAPED = SDConfig(
     vae=VAEConfig(block_out_channels=(32, 64)),
     text=TextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_layers=5, num_heads=4),
 )
+# SD-2-shaped: linear projections, three levels with attention on the first two and a different
+# head count at every level (head dims 16, 16 and 8 in the middle block), a context width unlike
+# any channel width, a 3-layer GELU text tower.
+SD2_SHAPED = SDConfig(
+    unet=UNetConfig(
+        block_out_channels=(32, 64, 64), attention_levels=(True, True, False), num_heads=(2, 4, 8),
+        context_dim=48, use_linear_projection=True,
+    ),  # fmt: skip
+    vae=TINY.vae,
+    text=TextConfig(vocab_size=1000, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6,
+                    hidden_act="gelu", pad_token="!"),  # fmt: skip
+)
+CONFIGS = [TINY, SD_SHAPED, TINY_SD2, SD2_SHAPED]
+CONFIG_IDS = ["tiny-sd", "sd-shaped", "tiny-sd2", "sd2-shaped"]
 
 
 def diffusers_unet(cfg: UNetConfig):
@@ -43,6 +58,8 @@ def diffusers_unet(cfg: UNetConfig):
         attention_head_dim=cfg.num_heads,  # diffusers' legacy name for the head count
         cross_attention_dim=cfg.context_dim,
         norm_num_groups=cfg.norm_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
     )
 
 
@@ -102,7 +119,7 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("config", [TINY, SD_SHAPED], ids=["tiny-sd", "sd-shaped"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("latent_hw", [(16, 16), (8, 16)], ids=["square", "non-square"])
 def test_unet_matches_diffusers(config: SDConfig, latent_hw):
     ours = random_nets(config)["unet"]
@@ -118,6 +135,7 @@ def test_unet_matches_diffusers(config: SDConfig, latent_hw):
         assert (out - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
+# SD-2 keeps SD-1's VAE (test_networks_sd2.py checks the presets say so).
 @pytest.mark.parametrize("config", [TINY, SD_SHAPED], ids=["tiny-sd", "sd-shaped"])
 @pytest.mark.parametrize("image_hw", [(64, 64), (64, 128)], ids=["square", "non-square"])
 def test_vae_matches_diffusers(config: SDConfig, image_hw):
@@ -134,7 +152,7 @@ def test_vae_matches_diffusers(config: SDConfig, image_hw):
         assert max_rel_err(ours.decode(z), ref.decode(z).sample) <= 1e-5
 
 
-@pytest.mark.parametrize("config", [TINY, SD_SHAPED], ids=["tiny-sd", "sd-shaped"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_text_encoder_matches_transformers(config: SDConfig):
     ours = random_nets(config)["text"]
     ref = transformers_clip(config.text).eval()
@@ -207,13 +225,13 @@ def test_sd14_attention_sites():
     assert blocks == expected
 
 
-def full_size_pair(name: str):
-    """One full SD-1.4 network of ours and its diffusers twin, sharing random fp32 weights."""
+def full_size_pair(name: str, config: SDConfig = SD14):
+    """One full-size network of ours and its diffusers twin, sharing random fp32 weights."""
     generator = torch.Generator().manual_seed(0)
-    ours = build_networks(SD14)[name]
+    ours = build_networks(config)[name]
     ours.load_state_dict(random_state_dict(ours, generator, torch.float32), assign=True)
     with torch.device("meta"):
-        ref = {"unet": diffusers_unet, "vae": diffusers_vae, "text": transformers_clip}[name](getattr(SD14, name))
+        ref = {"unet": diffusers_unet, "vae": diffusers_vae, "text": transformers_clip}[name](getattr(config, name))
     convert = {"unet": to_diffusers_unet, "vae": to_diffusers_vae, "text": to_transformers_clip}[name]
     mapped = convert(ours.state_dict(), ref)
     ref.load_state_dict(mapped, strict=False, assign=True)

@@ -494,18 +494,25 @@ def _single(tmp_path: Path, name: str, tensors: dict) -> Path:
 
 U, V, T = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
 BASE = {V + "encoder.conv_in.weight": (128, 3, 3, 3), T + "final_layer_norm.weight": (768,)}
+BASE2 = {V + "encoder.conv_in.weight": (128, 3, 3, 3), "cond_stage_model.model.ln_final.weight": (1024,)}
 BAD_FILES = {
-    "sd2": ({U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024), **BASE}, "SD-2"),
-    "sd2-openclip": (
-        {
-            U + "out.2.bias": (4,),
-            V + "decoder.conv_in.weight": (512, 4, 3, 3),
-            "cond_stage_model.model.ln_final.weight": (1024,),
-        },
-        "SD-2",
-    ),  # fmt: skip
+    # CLIP ViT-L keys but 1024-wide cross-attention: SD-1-shaped by its text tower, so the SD-1.4
+    # config check names the mismatch.
+    "sd1-text-1024-context": (
+        {U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024), **BASE}, "do not match the config"
+    ),
+    "sd2-no-prediction": ({U + "out.2.bias": (4,), V + "decoder.conv_in.weight": (512, 4, 3, 3),
+                           "cond_stage_model.model.ln_final.weight": (1024,)}, "SD-2.x .*--prediction eps"),  # fmt: skip
+    "sd2-inpainting": ({U + "input_blocks.0.0.weight": (320, 9, 3, 3), **BASE2}, "SD-2.x UNet .*inpainting"),
+    "sd2-depth": ({U + "input_blocks.0.0.weight": (320, 5, 3, 3), "depth_model.model.x": (1,), **BASE2},
+                  "SD-2.x UNet .*depth-to-image.*MiDaS"),  # fmt: skip
+    "sd2-upscaler": ({U + "input_blocks.0.0.weight": (256, 7, 3, 3), U + "label_emb.weight": (1000, 1024), **BASE2},
+                     "x4 upscaler"),  # fmt: skip
+    "sd2-unclip": ({U + "label_emb.0.0.weight": (1280, 1024), "embedder.model.visual.proj": (1280, 1024), **BASE2},
+                   "SD-2.x unCLIP"),  # fmt: skip
+    "sd3": ({U + "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536), **BASE}, "SD-3 / Flux"),
     "sdxl": ({U + "label_emb.0.0.weight": (1280, 2816), "conditioner.embedders.0.transformer.x": (1,)}, "SDXL"),
-    "inpainting": ({U + "input_blocks.0.0.weight": (320, 9, 3, 3), **BASE}, "inpainting"),
+    "inpainting": ({U + "input_blocks.0.0.weight": (320, 9, 3, 3), **BASE}, "SD-1.x UNet .*inpainting"),
     "vae-only": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "VAE-only"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "LoRA"),
     "lora-peft": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 320)}, "LoRA"),
@@ -538,7 +545,7 @@ def _bad_inputs(tmp_path: Path, original_safetensors: Path) -> dict[str, tuple[P
     shutil.copytree(TINY_SD, sd2)
     cfg = json.loads((sd2 / "unet" / "config.json").read_text())
     (sd2 / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 1024}))
-    cases["sd2-folder"] = (sd2, "SD-2")
+    cases["context-mismatch-folder"] = (sd2, "text encoder width 32 does not match the UNet cross-attention width 1024")
     xl = tmp_path / "sdxl-folder"
     shutil.copytree(TINY_SD, xl)
     (xl / "unet" / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
@@ -547,6 +554,19 @@ def _bad_inputs(tmp_path: Path, original_safetensors: Path) -> dict[str, tuple[P
     shutil.copytree(TINY_SD, inp)
     (inp / "unet" / "config.json").write_text(json.dumps({**cfg, "in_channels": 9}))
     cases["inpainting-folder"] = (inp, "inpainting")
+    for name, update, message in (
+        ("depth-folder", {"in_channels": 5}, "depth-to-image"),
+        ("upscaler-folder", {"in_channels": 7, "num_class_embeds": 1000}, "x4 upscaler"),
+        ("unclip-folder", {"class_embed_type": "projection"}, "class_embed_type='projection'"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(TINY_SD, folder)
+        (folder / "unet" / "config.json").write_text(json.dumps({**cfg, **update}))
+        cases[name] = (folder, message)
+    no_tok = tmp_path / "no-tokenizer-folder"
+    shutil.copytree(TINY_SD, no_tok)
+    shutil.rmtree(no_tok / "tokenizer")
+    cases["no-tokenizer-folder"] = (no_tok, "tokenizer: no tokenizer files")
     return cases
 
 

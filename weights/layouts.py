@@ -1,13 +1,16 @@
-"""Key maps from the real-world SD-1.x checkpoint layouts to our parameter names.
+"""Key maps from the real-world SD-1.x / SD-2.x checkpoint layouts to our parameter names.
 
 Our names are the original CompVis keys with the component prefix stripped (WEIGHTS.md §2.2), so
 the original layout only needs its prefixes removed (plus the EMA choice, §2.4), and the diffusers
 layout is mapped block by block with the rules of WEIGHTS.md §3, generated from the config so any
-SD-1-family shape (the tiny test pipelines included) maps the same way as SD-1.4.
+SD-1/SD-2 shape (the tiny test pipelines included) maps the same way as the real models. SD-2's
+UNet and VAE keys are SD-1's (its linear proj_in/proj_out only change shapes); its text encoder is
+stored in OpenCLIP's layout, which `text_from_open_clip` maps onto transformers' CLIP names.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -16,7 +19,8 @@ from ldm.config import UNetConfig, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+TEXT_PREFIX = "cond_stage_model.transformer."  # SD-1: transformers' CLIPTextModel names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD-2: OpenCLIP's text tower (Stability-AI/stablediffusion)
 EMA_PREFIX = "model_ema."
 MIN_EMA_KEYS = 100  # diffusers' rule: fewer model_ema keys are leftover scalars, not an EMA copy
 
@@ -151,6 +155,62 @@ def text_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         out[key] = value
     return out
+
+
+# OpenCLIP text tower (open_clip: model.py `_build_text_tower`, transformer.py
+# `ResidualAttentionBlock`) -> transformers' CLIPTextModel names, per residual block.
+OPEN_CLIP_BLOCK_RENAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+OPEN_CLIP_RENAMES = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",  # a bare Parameter in OpenCLIP
+    "ln_final.weight": "final_layer_norm.weight",
+    "ln_final.bias": "final_layer_norm.bias",
+}
+# Only CLIP's pooled output uses the projection and the logit scale; SD-2 reads the token states.
+OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
+
+
+def text_from_open_clip(state: dict[str, Tensor], num_layers: int) -> tuple[dict[str, Tensor], list[str]]:
+    """OpenCLIP text keys (prefix stripped) -> ours; also returns the keys that fit no rule.
+
+    SD-2 reads the penultimate residual block, so block `num_layers` (the last of OpenCLIP's
+    tower, which the config does not build) is dropped; any block past it is left unmatched.
+    The fused attention in-projection `in_proj_weight` [3D, D] (and its bias) is nn.MultiheadAttention's
+    q, k, v stacked in that order along dim 0, split here into q_proj, k_proj, v_proj.
+    """
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key in OPEN_CLIP_RENAMES:
+            out[OPEN_CLIP_RENAMES[key]] = value
+            continue
+        if key in OPEN_CLIP_UNUSED:
+            continue
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+        if m is None or int(m[1]) > num_layers:
+            unknown.append(key)
+            continue
+        if int(m[1]) == num_layers:
+            continue  # the final block, whose output SD-2 never reads
+        base, rest = f"encoder.layers.{m[1]}.", m[2]
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]
+            # (3D, D) -> 3 x (D, D); the bias (3D,) -> 3 x (D,)
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{base}self_attn.{proj}.{kind}"] = part
+            continue
+        module, _, kind = rest.rpartition(".")
+        if module in OPEN_CLIP_BLOCK_RENAMES and kind in ("weight", "bias"):
+            out[f"{base}{OPEN_CLIP_BLOCK_RENAMES[module]}.{kind}"] = value
+        else:
+            unknown.append(key)
+    return out, unknown
 
 
 def vae_attention_to_conv(state: dict[str, Tensor]) -> dict[str, Tensor]:
