@@ -85,7 +85,7 @@ class PnPSettings(Settings):
     attention: float = setting(0.5, "fraction of the run with self-attention Q/K injection", flag="--pnp-attention",
                                low=0.0, high=1.0)
     negative_prompt: str = setting(NEGATIVE_PROMPT, "the target's unconditional prompt (the reference's negative prompt)")
-    source: str = setting("auto", "what the reference row is fed: the inversion trajectory, a guidance-1 DDIM "
+    reference_feed: str = setting("auto", "what the reference row is fed: the inversion trajectory, a guidance-1 DDIM "
                           "reconstruction, or that reconstruction one step late as PIE's ddim+pnp does; auto = "
                           "trajectory when the inversion pins the source (DirectInversion), else reconstruction",
                           flag="--pnp-source", choices=FEEDS)
@@ -114,7 +114,7 @@ def plan_pnp(facts: ModelFacts, prompts: EditPrompts, settings: PnPSettings, sam
              Row("target", "cond"): prompts.target}
 
     def prepare(sd: StableDiffusion, inversion: Inversion, embeddings: Mapping[str, Tensor], progress: bool) -> Inversion:
-        feed = settings.source
+        feed = settings.reference_feed
         if feed == "auto":
             feed = "trajectory" if inversion.exact_source else "reconstruction"
         if feed == "trajectory":

@@ -170,3 +170,26 @@ def test_an_inverted_file_edits_like_inverting_in_the_same_run(tiny_sd_model, tm
     from_file = cli_edit(tiny_sd_model, tmp_path / "file", "--inversion-file", str(inv_path), *small)
     direct = cli_edit(tiny_sd_model, tmp_path / "direct", "--inversion", "null-text", *small)
     assert rel_rms(from_file, direct) < 1e-5
+
+
+@pytest.mark.parametrize("name,feed", [("directinversion+pnp", "auto"), ("ddim+pnp", "reconstruction-shifted")])
+def test_pnp_edit_matches_reference(oracle_sd, oracle_image, oracle_embeddings, name, feed):
+    """Plug-and-Play from the reference's own DDIM inversion (its PnP path encodes the image
+    slightly differently, so it has its own trajectory). DirectInversion feeds the reference row
+    the trajectory itself; PIE's ddim+pnp feeds a guidance-1 DDIM reconstruction one step late
+    and starts the target one step in, reproduced here with --pnp-source reconstruction-shifted.
+    The reference keeps no source output; its final target latent is compared, and for ddim+pnp
+    the reconstruction the reference row ends on."""
+    traj = trajectory("pnp_inverted_trajectory.npy")
+    spec = REGISTRY.edit_spec(name, source=SOURCE, target=TARGET, reference_feed=feed)
+    task = oracle_task(oracle_embeddings, traj)
+    inv = invert_direct(oracle_sd, task) if spec.inversion.name == "direct" else invert_ddim(oracle_sd, task)
+    result = edit(oracle_sd, oracle_image, spec, inversion=inv)
+    ref = oracle_array(f"{name}/final_latents.npy")
+    err = rel_rms(result.latents[1], ref[0])
+    print(f"\n{name}: relative RMS target {err:.2e}")
+    assert err < TOLERANCE["ddim"], err
+    if name == "ddim+pnp":
+        assert rel_rms(result.latents[0], oracle_array(f"{name}/reconstruct_latent.npy")) < 1e-3
+    else:
+        assert torch.equal(result.latents[0], traj[0][0])  # the reference row ends on z0 itself
