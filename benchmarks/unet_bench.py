@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.commands import add_out_option  # noqa: E402
 from benchmarks.common import device_name, markdown_table, measure, slug, write_results  # noqa: E402
-from kernels.attention import fused_attention, fused_attention_rows  # noqa: E402
+from kernels.attention import fused_attention_rows  # noqa: E402
 from ldm.config import SD14, TINY  # noqa: E402
 from control.base import ControllerBase  # noqa: E402
 from ldm.context import AttnContext, BatchLayout, RunInfo  # noqa: E402

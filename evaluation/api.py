@@ -49,6 +49,11 @@ def _check_run(steps: int, guidance: float) -> None:
         raise UsageError(f"--guidance {guidance}: expected a finite number")
 
 
+def _check_settings_type(method: InversionMethod | EditMethod, settings: Settings) -> None:
+    if not isinstance(settings, method.settings):
+        raise TypeError(f"{method.name} takes {method.settings.__name__}, not {type(settings).__name__}")
+
+
 @dataclass(frozen=True)
 class InversionSpec:
     """How to invert one image: the prompt, the method and its settings, the grid, the guidance the
@@ -63,8 +68,7 @@ class InversionSpec:
 
     def __post_init__(self) -> None:
         _check_run(self.steps, self.guidance)
-        if not isinstance(self.settings, self.method.settings):
-            raise TypeError(f"{self.method.name} takes {self.method.settings.__name__}, not {type(self.settings).__name__}")
+        _check_settings_type(self.method, self.settings)
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,8 @@ class EditSpec:
 
     def __post_init__(self) -> None:
         _check_run(self.steps, self.guidance)
-        for method, settings in ((self.inversion, self.inversion_settings), (self.method, self.method_settings)):
-            if not isinstance(settings, method.settings):
-                raise TypeError(f"{method.name} takes {method.settings.__name__}, not {type(settings).__name__}")
+        _check_settings_type(self.inversion, self.inversion_settings)
+        _check_settings_type(self.method, self.method_settings)
         if self.method.inversions is not None and self.inversion.name not in self.method.inversions:
             raise UsageError(f"--control {self.method.name} works with --inversion "
                              f"{' or '.join(self.method.inversions)}, not {self.inversion.name}")

@@ -12,7 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.api import InversionSpec
 from evaluation.images import file_info, load_image, parse_size
+from evaluation.options import build_settings, refuse_foreign_options
+from evaluation.registry import Registry
 from ldm.errors import UsageError
 from ldm.model import DTYPES, StableDiffusion, open_model
 
@@ -80,3 +83,17 @@ def check_output_file(path: str, suffix: str) -> Path:
     if not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise UsageError(f"cannot write the output {p}: its folder is not writable")
     return p
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --image, as every run command takes them."""
+    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or tiny-random")
+    p.add_argument("--image", required=True, help="the photo (any format PIL reads)")
+
+
+def inversion_spec_of(args: argparse.Namespace, registry: Registry) -> InversionSpec:
+    """The InversionSpec of `--prompt`, `--inversion` and its options, and the run options."""
+    choice = registry.inversion(args.inversion)
+    refuse_foreign_options(args, registry, [choice.method.name])
+    run_values = {"steps": args.steps or 50, "guidance": args.guidance, "seed": args.seed, **choice.run}
+    return InversionSpec(args.prompt, choice.method, build_settings(args, choice), **run_values)

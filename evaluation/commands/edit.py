@@ -21,6 +21,7 @@ from typing import Any
 from control.words import word_positions
 from evaluation.api import EditResult, EditSpec, edit, plan_edit
 from evaluation.commands.common import (
+    add_model_options,
     check_output_file,
     check_run_options,
     load_model,
@@ -40,8 +41,7 @@ DESCRIPTION = "Invert a photo and edit it: the source prompt describes the photo
 
 def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
     p.description = DESCRIPTION
-    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or tiny-random")
-    p.add_argument("--image", required=True, help="the photo (any format PIL reads)")
+    add_model_options(p)
     p.add_argument("--source", required=True, help="prompt describing the photo ([ ] markers are removed, as PIE-Bench's)")
     p.add_argument("--target", required=True, action="append",
                    help="prompt describing the edit; repeat for several edits of one inversion")

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import argparse
 
-from evaluation.api import InversionSpec, invert
-from evaluation.commands.common import check_output_file, check_run_options, load_model, read_image
+from control.words import strip_brackets
+from evaluation.api import invert
+from evaluation.commands.common import (
+    add_model_options,
+    check_output_file,
+    check_run_options,
+    inversion_spec_of,
+    load_model,
+    read_image,
+)
 from evaluation.inversion_file import save_inversion
-from evaluation.options import add_method_options, add_run_options, build_settings, refuse_foreign_options
+from evaluation.options import add_method_options, add_run_options
 from evaluation.registry import Registry
 from evaluation.timing import StageTimer
-from control.words import strip_brackets
 
 DESCRIPTION = "Invert a photo and write the inversion to a .safetensors file (edit it later with --inversion-file)."
 
 
 def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
     p.description = DESCRIPTION
-    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or tiny-random")
-    p.add_argument("--image", required=True, help="the photo (any format PIL reads)")
+    add_model_options(p)
     p.add_argument("--prompt", required=True,
                    help="the prompt to invert with: the edit's source prompt (MasaCtrl inverts with \"\")")
     p.add_argument("--target", help="the edit's target prompt, for methods that record in the edit's batch "
@@ -37,10 +43,7 @@ def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
 
 def run(args: argparse.Namespace, registry: Registry) -> int:
     run_opts = check_run_options(args)
-    choice = registry.inversion(args.inversion)
-    refuse_foreign_options(args, registry, [choice.method.name])
-    run_values = {"steps": args.steps or 50, "guidance": args.guidance, "seed": args.seed, **choice.run}
-    spec = InversionSpec(args.prompt, choice.method, build_settings(args, choice), **run_values)
+    spec = inversion_spec_of(args, registry)
     path = check_output_file(args.output, ".safetensors")
     timer = StageTimer()
     with timer("load_image"):
@@ -53,5 +56,5 @@ def run(args: argparse.Namespace, registry: Registry) -> int:
             "image_sha256": image_info["sha256"], "image_size": "x".join(map(str, run_opts.size)), "model": args.model,
             "unet_rows": inversion.cost.unet_rows, "seconds": timer.as_dict()["total"],
         })
-    print(f"inversion ({choice.method.name}, {spec.steps} steps, {inversion.cost.unet_rows} UNet rows): wrote {path}")
+    print(f"inversion ({spec.method.name}, {spec.steps} steps, {inversion.cost.unet_rows} UNet rows): wrote {path}")
     return 0

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import argparse
 
-from evaluation.api import InversionSpec, reconstruct
-from evaluation.commands.common import check_run_options, load_model, model_section, read_image
+from evaluation.api import reconstruct
+from evaluation.commands.common import (
+    add_model_options,
+    check_run_options,
+    inversion_spec_of,
+    load_model,
+    model_section,
+    read_image,
+)
 from evaluation.images import image_mse_psnr
-from evaluation.options import add_method_options, add_run_options, build_settings, refuse_foreign_options
+from evaluation.options import add_method_options, add_run_options
 from evaluation.outputs import RunDirectory, run_record
 from evaluation.pictures import grid
 from evaluation.registry import Registry
@@ -25,8 +32,7 @@ DESCRIPTION = "Invert a photo and reconstruct it with its own prompt (the first 
 
 def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
     p.description = DESCRIPTION
-    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or tiny-random")
-    p.add_argument("--image", required=True, help="the photo (any format PIL reads)")
+    add_model_options(p)
     p.add_argument("--prompt", required=True, help="the source prompt describing the photo")
     p.add_argument("--inversion", default="direct",
                    help=f"inversion method: {', '.join(m.name for m in registry.inversions)} (default: direct)")
@@ -38,10 +44,7 @@ def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
 
 def run(args: argparse.Namespace, registry: Registry) -> int:
     run_opts = check_run_options(args)
-    choice = registry.inversion(args.inversion)
-    refuse_foreign_options(args, registry, [choice.method.name])
-    run_values = {"steps": args.steps or 50, "guidance": args.guidance, "seed": args.seed, **choice.run}
-    spec = InversionSpec(args.prompt, choice.method, build_settings(args, choice), **run_values)
+    spec = inversion_spec_of(args, registry)
     with RunDirectory(args.output) as out:
         timer = StageTimer()
         with timer("load_image"):
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace, registry: Registry) -> int:
             metrics["final_loss_per_step"] = [l[-1] for l in inversion.losses]
         with timer("write"):
             out.png("reconstruction.png", result.image)
-            out.png("grid.png", grid([photo, result.image], ["input", f"{choice.method.name} reconstruction, PSNR {psnr:.2f} dB"]))
+            out.png("grid.png", grid([photo, result.image], ["input", f"{spec.method.name} reconstruction, PSNR {psnr:.2f} dB"]))
             if args.save_latents:
                 out.npy("latents/z0.npy", z0)
                 out.npy("latents/trajectory.npy", inversion.trajectory)  # (steps+1, 1, 4, h, w)
@@ -75,5 +78,5 @@ def run(args: argparse.Namespace, registry: Registry) -> int:
             inversion={"method": inversion.method, "settings": dict(inversion.settings), "steps": spec.steps,
                        "guidance": spec.guidance},
         ))
-    print(f"reconstruction ({choice.method.name}): PSNR {psnr:.2f} dB, MSE {mse:.2f}; wrote {args.output}")
+    print(f"reconstruction ({spec.method.name}): PSNR {psnr:.2f} dB, MSE {mse:.2f}; wrote {args.output}")
     return 0
