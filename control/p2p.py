@@ -53,7 +53,7 @@ class CrossEdit(Protocol):
 
 @dataclass(frozen=True)
 class AttentionRefine:
-    """F = alphas * A_src[..., mapper] + (1 - alphas) * A_tgt (§3.6): aligned tokens borrow the source's
+    """F = alphas * A_src[..., mapper] + (1 - alphas) * A_tgt ("Refine"): aligned tokens borrow the source's
     columns, new tokens keep their own."""
 
     mapper: Tensor  # (77,) long, -1 for target tokens without a source
@@ -66,7 +66,7 @@ class AttentionRefine:
 
 @dataclass(frozen=True)
 class AttentionReplace:
-    """F = A_src M with the (77, 77) replacement mapper (§3.5); word swaps of equal word count."""
+    """F = A_src M with the (77, 77) replacement mapper ("Replace"); word swaps of equal word count."""
 
     mapper: Tensor
 
@@ -76,7 +76,7 @@ class AttentionReplace:
 
 @dataclass(frozen=True)
 class AttentionReweight:
-    """F = eq * inner(A_src, A_tgt), or eq * A_src without an inner edit (§3.7)."""
+    """F = eq * inner(A_src, A_tgt), or eq * A_src without an inner edit ("Reweight")."""
 
     equalizer: Tensor  # (77,)
     inner: CrossEdit | None = None

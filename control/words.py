@@ -1,9 +1,10 @@
 """Words of a prompt -> CLIP token positions, and the Prompt-to-Prompt token alignments.
 
-ALGORITHMS.md part B §2 (word lookup), §3.4 (per-word cross-replace schedule), §3.5 (replacement
-mapper), §3.6 (refinement mapper: Needleman-Wunsch alignment of the token ids) and §3.7 (equalizer),
-reproducing the reference (google/prompt-to-prompt `seq_aligner.py` / `ptp_utils.py`, identical in
-PnPInversion) including its quirks: words are whitespace-separated pieces of the prompt matched by
+docs/methods/prompt-to-prompt.md: "Words to token positions", "The cross-replace schedule" (with
+per-word windows), "Replace" (the replacement mapper), "Refine" (the refinement mapper:
+Needleman-Wunsch alignment of the token ids) and "Reweight" (the equalizer). It reproduces the
+reference (google/prompt-to-prompt `seq_aligner.py` / `ptp_utils.py`, identical in PnPInversion)
+including its quirks: words are whitespace-separated pieces of the prompt matched by
 exact, case-sensitive string equality ("cat," is one word, so "cat" is not found in "a cat, a dog"),
 a multi-token word yields all its token positions, and a repeated word yields every occurrence.
 One deliberate difference: whitespace is normalised first (the reference's empty words from double
@@ -120,7 +121,8 @@ def refinement_mapper(tokenizer: Tokenizer, source: str, target: str) -> tuple[T
 
 
 def replacement_mapper(tokenizer: Tokenizer, source: str, target: str) -> Tensor:
-    """(77, 77) matrix M, rows source positions, columns target positions (ALGORITHMS.md §3.5).
+    """(77, 77) matrix M, rows source positions, columns target positions
+    (docs/methods/prompt-to-prompt.md "Replace").
 
     Differing words map all their tokens onto each other (1/n weights when the token counts
     differ). After the last differing word the reference writes M[j, j] (target position for the
@@ -186,7 +188,7 @@ def cross_replace_schedule(
 
 
 def equalizer(tokenizer: Tokenizer, target: str, weights: Mapping[str, float]) -> Tensor:
-    """(77,) ones, with the target's token columns of each word scaled by its weight (§3.7)."""
+    """(77,) ones, with the target's token columns of each word scaled by its weight ("Reweight")."""
     eq = torch.ones(MAX_LENGTH)
     for word, value in weights.items():
         eq[require_word(tokenizer, target, word, "reweight")] = float(value)

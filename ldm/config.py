@@ -169,7 +169,7 @@ SD21_V = SDConfig(
     unet=dataclasses.replace(_SD2_UNET, prediction_type="v_prediction", upcast_attention=True), text=_SD2_TEXT
 )
 
-# The tiny random pipeline the reference oracle ran on (shared/oracle/tiny-sd): four levels,
+# The tiny random pipeline the reference oracle ran on (tests/data/tiny-sd): four levels,
 # attention only at the middle two (32x32 and 16x16 latents at 512 px), 2 heads, context 32.
 # Small enough for unit tests at 512 px on a CPU, and shaped like SD so every rule applies.
 TINY = SDConfig(

@@ -2,8 +2,9 @@
 
 Both are pure functions of tensors and the `Schedule`; the arithmetic is written in the same
 order as the reference (`prev_step` / `next_step` of cure-lab/PnPInversion
-`models/p2p/inversion.py`, ALGORITHMS.md part A §1.2-§1.3) with float32 alpha-bars, so results
-agree with diffusers' DDIMScheduler / DDIMInverseScheduler to float rounding.
+`models/p2p/inversion.py`; docs/methods/README.md "The DDIM step", "The inversion step") with
+float32 alpha-bars, so results agree with diffusers' DDIMScheduler / DDIMInverseScheduler to float
+rounding.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def ddim_inverse_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -
 
     `t` is the *target* (noisier) timestep, and it is also the label the caller must give the UNet
     for `eps`, although `sample` lives at t - step_ratio: the reference's approximation
-    eps(z_{t-1}, t) ~ eps(z_t, t) (§1.3 quirk 1). The first step starts from ab[0] = 0.99915,
-    not 1 (quirk 2), because set_alpha_to_one is False.
+    eps(z_{t-1}, t) ~ eps(z_t, t) ("The inversion step": the timestep label). The first step starts
+    from ab[0] = 0.99915, not 1, because set_alpha_to_one is False.
     """
     s = min(schedule.prev(t), schedule.num_train_timesteps - 1)
     return _move(sample, eps, schedule.alpha(s), schedule.alpha(t))

@@ -1,4 +1,6 @@
-"""The SD-1.x noise schedule and the DDIM inference grid (ALGORITHMS.md part A §1.1).
+"""The SD-1.x noise schedule and the DDIM inference grid.
+
+docs/methods/README.md "The schedule and the grid".
 
 alphas_cumprod is the "scaled_linear" schedule of Stable Diffusion (DDPM, Ho et al. 2020, eq. 4
 with betas linear in sqrt-space), computed in float32 exactly as diffusers does, so every
@@ -59,7 +61,7 @@ class Schedule:
 
     @classmethod
     def edict(cls, steps: int = 50) -> "Schedule":
-        """EDICT's grid (980, 960, ..., 0): its bundled scheduler uses no steps_offset (§1.1)."""
+        """EDICT's grid (980, 960, ..., 0): its bundled scheduler uses no steps_offset."""
         return cls(steps=steps, offset=0)
 
     @property

@@ -1,5 +1,6 @@
-"""Image I/O (ldm/image.py) against the reference's load_512 / image2latent / latent2image
-(ALGORITHMS.md part A §1.5), re-written here from that description, and diffusers' VAE."""
+"""Image I/O (evaluation/images.py) against the reference's load_512 / image2latent / latent2image
+(docs/methods/README.md "Images and latents"), re-written here from that description, and
+diffusers' VAE."""
 
 from __future__ import annotations
 

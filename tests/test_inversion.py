@@ -94,7 +94,7 @@ def test_direct_inversion_offset_and_fused_forms_agree_on_an_edit(case) -> None:
 
 
 def test_offset_form_offsets_fix_the_cfg_step(case) -> None:
-    """Without the offsets the source follows plain CFG-7.5 DDIM (§13 item 4)."""
+    """Without the offsets the source follows plain CFG-7.5 DDIM (docs/methods/direct-inversion.md)."""
     inv = invert_direct(case["sd"], case["shared"], DirectSettings(form="offset"))
     assert len(inv.corrections.values) == STEPS and inv.corrections.role == "source"
     assert inv.cost.unet_rows == 2 * STEPS  # the offset pass on [E(""), E(src)]; the DDIM pass was given
@@ -107,7 +107,8 @@ def test_negative_prompt_reconstructs_better_than_ddim_and_equals_guidance_one_d
     npi = invert_negative_prompt(case["sd"], case["shared"], NegativePromptSettings())
     ours = recon(case, npi)
     assert rms(ours, case["z0"]) < 0.75 * rms(recon(case, case["ddim"]), case["z0"])
-    # eps_u = eps_c = eps(z, E(src)): the guided step is the w = 1 step, whatever w (§13 item 5)
+    # eps_u = eps_c = eps(z, E(src)): the guided step is the w = 1 step, whatever w
+    # (docs/methods/negative-prompt.md)
     torch.testing.assert_close(ours, recon(case, case["ddim"], scale=1.0), rtol=0, atol=1e-4)
 
 

@@ -1,5 +1,6 @@
 """The noise schedule, the grid and the DDIM steps against diffusers' schedulers as the reference
-configures them (ALGORITHMS.md part A §1.1-§1.3), plus an analytic model with exact inversion."""
+configures them (docs/methods/README.md "The schedule and the grid", "The DDIM step", "The inversion
+step"), plus an analytic model with exact inversion."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ REFERENCE_CONFIG = dict(
     beta_schedule="scaled_linear",
     clip_sample=False,
     set_alpha_to_one=False,
-    steps_offset=1,  # forced by StableDiffusionPipeline's deprecation shim (§1.1)
+    steps_offset=1,  # forced by StableDiffusionPipeline's deprecation shim (docs/methods/README.md)
 )
 
 
@@ -30,7 +31,7 @@ def test_alphas_cumprod_equals_diffusers_scaled_linear() -> None:
     assert torch.equal(alphas_cumprod(), diffusers_ddim().alphas_cumprod)
 
 
-def test_constants_of_the_table_in_algorithms_md() -> None:
+def test_constants_of_the_table_in_the_methods_index() -> None:
     s = Schedule()
     assert abs(s.final_alpha_cumprod.item() - 0.99915) < 1e-7
     for t, ab in [(1, 0.998296), (21, 0.980381), (481, 0.302296), (961, 0.007282), (981, 0.005775)]:

@@ -1,7 +1,10 @@
-"""Word -> token positions and the P2P alignments on the real CLIP tokenizer (ALGORITHMS.md B §2-§3.7).
+"""Word -> token positions and the P2P alignments on the real CLIP tokenizer
+(docs/methods/prompt-to-prompt.md: "Words to token positions", "Refine", "Replace", "Reweight",
+"The cross-replace schedule").
 
 Expected values are worked out by hand from the tokenisations printed in each test's comment and
-from the worked examples of ALGORITHMS.md, which were obtained by running the reference code.
+from worked examples obtained by running the reference code (google/prompt-to-prompt
+`seq_aligner.py`, `ptp_utils.py`).
 """
 
 import pytest
