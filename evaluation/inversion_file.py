@@ -136,6 +136,11 @@ def inversion_from_file(sd: StableDiffusion, file: InversionFile, method: Invers
     device_task = task.with_trajectory(tuple(z.to(task.z0.device) for z in file.trajectory))
     state = {k: v.to(task.z0.device) for k, v in file.state.items()}
     if file.method == method.name and method.restore is not None and all(k in state for k in method.state_keys):
+        guidance = file.metadata.get("guidance")
+        if guidance is not None and float(guidance) != task.guidance:
+            # null embeddings and offsets are fitted to one CFG scale; at another they are wrong
+            raise UsageError(f"--inversion-file {file.path} was made for guidance {float(guidance):g}; this run uses "
+                             f"--guidance {task.guidance:g} (invert again at that scale)")
         return method.restore(device_task, settings, state)
     if file.method == method.name and not method.state_keys:
         return method.invert(sd, device_task, settings)

@@ -176,7 +176,7 @@ def test_sd14_parameter_counts_and_tensor_counts():
 def test_sd14_names_and_shapes_equal_the_original_layout():
     nets = build_networks(SD14)
     unet, vae = nets["unet"].state_dict(), nets["vae"].state_dict()
-    # Spot checks straight from WEIGHTS.md §2.2.
+    # Spot checks from the "Representative keys and shapes" table of docs/weights.md.
     table = {
         "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),

@@ -2,7 +2,7 @@
 
 Oracles: diffusers / transformers models with every tensor randomised (biases and norms included),
 written to disk by their own `save_pretrained` (diffusers folders) or under original CompVis keys
-produced by this file's own rename table (WEIGHTS.md §3) -- and that table is itself checked
+produced by this file's own rename table (docs/weights.md, "Key mapping") -- and that table is itself checked
 against diffusers' single-file conversion code (`convert_ldm_*_checkpoint`), so the test keys
 never come from our module names. Each converted directory is loaded with
 `StableDiffusion.load` and must compute what the diffusers / transformers models compute.
@@ -51,7 +51,7 @@ PROMPTS = [
     "an astronaut riding a horse",
 ]
 
-# SD-shaped tiny pipeline (WEIGHTS.md §6.3): attention at full resolution, none at the last level.
+# SD-shaped tiny pipeline: attention at full resolution, none at the last level.
 UNET_KW = dict(
     sample_size=16,
     block_out_channels=(32, 64),
@@ -153,7 +153,7 @@ def assert_same_outputs(sd: StableDiffusion, unet, vae, text) -> None:
         assert_close(sd.text(ids), text(ids).last_hidden_state)
 
 
-# --- the original CompVis layout, from WEIGHTS.md §3 (independent of weights/layouts.py) --------
+# --- the original CompVis layout, from the rules of docs/weights.md (independent of weights/layouts.py) --
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
@@ -190,7 +190,7 @@ def original_unet_key(key: str, per: int, up_has_attention: set[int]) -> str:
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
         b = int(m[1])
         return f"output_blocks.{b * (per + 1) + per}.{2 if b in up_has_attention else 1}.conv.{m[2]}"
-    raise AssertionError(f"no WEIGHTS.md rule for {key}")
+    raise AssertionError(f"no original-layout rule for {key}")
 
 
 def original_vae_key(key: str, n_levels: int) -> str:

@@ -2,7 +2,7 @@
 and an interrupted conversion leaves nothing that loads.
 
 The key/shape table comes from diffusers' and transformers' SD-1.4 models built on the meta device,
-renamed to the original layout by test_weights.py's WEIGHTS.md table (itself checked against
+renamed to the original layout by test_weights.py's original-layout table (itself checked against
 diffusers' converter there) -- not from our modules. Tensors are fp16 to keep the file at 2.1 GB.
 The conversion runs in a subprocess that reports its own wall time and peak RSS (printed, not
 asserted: no timing assertions in tests).

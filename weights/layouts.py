@@ -1,8 +1,8 @@
 """Key maps from the real-world SD-1.x / SD-2.x checkpoint layouts to our parameter names.
 
-Our names are the original CompVis keys with the component prefix stripped (WEIGHTS.md §2.2), so
-the original layout only needs its prefixes removed (plus the EMA choice, §2.4), and the diffusers
-layout is mapped block by block with the rules of WEIGHTS.md §3, generated from the config so any
+Our names are the original CompVis keys with the component prefix stripped (docs/weights.md, "Key
+mapping"), so the original layout only needs its prefixes removed (plus the EMA choice, "EMA"), and
+the diffusers layout is mapped block by block with the rules of docs/weights.md, generated from the config so any
 SD-1/SD-2 shape (the tiny test pipelines included) maps the same way as the real models. SD-2's
 UNet and VAE keys are SD-1's (its linear proj_in/proj_out only change shapes); its text encoder is
 stored in OpenCLIP's layout, which `text_from_open_clip` maps onto transformers' CLIP names.

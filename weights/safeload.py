@@ -1,6 +1,6 @@
 """Read an untrusted checkpoint file into a flat {name: tensor} dict without running its code.
 
-WEIGHTS.md §4.3. The format is sniffed from the bytes, not the extension:
+docs/weights.md, "Safe loading". The format is sniffed from the bytes, not the extension:
 - safetensors: the 8-byte header length and the JSON header are checked against the file size
   before safetensors parses anything (a random or truncated file is refused with what was wrong);
 - PyTorch zip / legacy pickles: `torch.load(weights_only=True)` inside a scoped allow-list of
@@ -108,7 +108,7 @@ def _load_pickle(path: Path, zip_format: bool) -> Any:
 
 
 def unwrap(obj: Any) -> dict[str, Tensor]:
-    """Descend through `state_dict` wrappers and keep the tensor values (WEIGHTS.md §4.3 item 3)."""
+    """Descend through `state_dict` wrappers and keep the tensor values (docs/weights.md, "Safe loading")."""
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
