@@ -15,14 +15,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ldm.config import TINY, SDConfig
+from ldm.config import TINY, TINY_SD2, SDConfig
 from ldm.errors import WeightsError
 from ldm.safetensors_header import check_safetensors_header
 from ldm.text import CLIPTextModel
@@ -32,6 +33,10 @@ from ldm.unet import UNet
 from ldm.vae import AutoencoderKL
 
 COMPONENTS = ("unet", "vae", "text")
+# The random-weight models `--model` builds in memory instead of loading a directory: every command
+# runs on them without weights (the tests do). "tiny-random-sd2" has every SD-2 trait, v-prediction
+# included.
+TINY_MODELS: Mapping[str, SDConfig] = MappingProxyType({"tiny-random": TINY, "tiny-random-sd2": TINY_SD2})
 FLOAT_DTYPES = {"F32", "F16", "BF16"}  # safetensors header names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -173,15 +178,16 @@ def read_tokenizer(directory: str | Path, config: SDConfig) -> Tokenizer:
 
 
 def model_facts(spec: str) -> ModelFacts:
-    """ModelFacts of `tiny-random` or a converted directory, reading no weights."""
-    if spec == "tiny-random":
-        return ModelFacts.of(TINY, Tokenizer.bundled(TINY.text.pad_token))
+    """ModelFacts of a tiny random model (TINY_MODELS) or a converted directory, reading no weights."""
+    if spec in TINY_MODELS:
+        config = TINY_MODELS[spec]
+        return ModelFacts.of(config, Tokenizer.bundled(config.text.pad_token))
     config = read_config(spec)
     return ModelFacts.of(config, read_tokenizer(spec, config))
 
 
 def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StableDiffusion:
-    """`tiny-random` builds the in-memory test model; anything else is a converted directory."""
-    if spec == "tiny-random":
-        return StableDiffusion.tiny_random(dtype=dtype or torch.float32).to(device)
+    """A name in TINY_MODELS builds that in-memory test model; anything else is a converted directory."""
+    if spec in TINY_MODELS:
+        return StableDiffusion.tiny_random(dtype=dtype or torch.float32, config=TINY_MODELS[spec]).to(device)
     return StableDiffusion.load(spec, dtype=dtype, device=device)
