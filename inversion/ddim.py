@@ -2,7 +2,8 @@
 
 The trajectory L[0..T] is computed with the inversion prompt only (guidance 1, no unconditional
 pass) and each step queries the UNet with the less-noisy latent L[k] at the noisier label t, as
-every reference inversion does. Most other inversion methods start from this trajectory
+every reference inversion does (a v-prediction output is read at L[k]'s own level,
+samplers.noise.predict_inversion_noise). Most other inversion methods start from this trajectory
 (`ddim_trajectory` returns the task's when the caller already computed it).
 """
 
@@ -18,7 +19,7 @@ from inversion.method import InversionMethod, InversionTask
 from ldm.model import StableDiffusion
 from samplers.ddim import ddim_inverse_step
 from samplers.inversion import Inversion, InversionCost
-from samplers.noise import predict_noise
+from samplers.noise import predict_inversion_noise
 from samplers.settings import Alias, Settings
 
 
@@ -38,7 +39,7 @@ def ddim_trajectory(sd: StableDiffusion, task: InversionTask) -> tuple[Tensor, .
     z = task.z0.float()
     trajectory = [z]
     for t in tqdm(tuple(reversed(schedule.timesteps)), desc="DDIM inversion", disable=not task.progress, leave=False):
-        z = ddim_inverse_step(z, predict_noise(sd, z, t, task.prompt), t, schedule)
+        z = ddim_inverse_step(z, predict_inversion_noise(sd, z, t, task.prompt, schedule), t, schedule)
         trajectory.append(z)
     return tuple(trajectory)
 

@@ -30,6 +30,11 @@ def ddim_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -> Tensor
     return _move(sample, eps, schedule.alpha(t), schedule.alpha(schedule.prev(t)))
 
 
+def inversion_start(t: int, schedule: Schedule) -> int:
+    """The timestep the inversion step to t starts from (negative for the first: the clean latent)."""
+    return min(schedule.prev(t), schedule.num_train_timesteps - 1)
+
+
 def ddim_inverse_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -> Tensor:
     """One inversion step from t - step_ratio up to t.
 
@@ -38,5 +43,4 @@ def ddim_inverse_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -
     eps(z_{t-1}, t) ~ eps(z_t, t) ("The inversion step": the timestep label). The first step starts
     from ab[0] = 0.99915, not 1, because set_alpha_to_one is False.
     """
-    s = min(schedule.prev(t), schedule.num_train_timesteps - 1)
-    return _move(sample, eps, schedule.alpha(s), schedule.alpha(t))
+    return _move(sample, eps, schedule.alpha(inversion_start(t, schedule)), schedule.alpha(t))

@@ -78,6 +78,7 @@ class SpySD(torch.nn.Module):
         super().__init__()
         self.unet = Spy(sd.unet)
         self.dtype = sd.dtype
+        self.config = sd.config  # predict_noise reads the prediction type there
 
 
 def test_single_role_equals_naive_cfg_ddim_loop(sd, emb) -> None:
