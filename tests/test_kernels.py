@@ -19,7 +19,7 @@ from kernels.attention import fused_attention, fused_attention_rows
 from benchmarks.triton_interpret import Job, run_interpreted
 from benchmarks.attention_reference import attention_reference
 
-HEAD_DIMS = (40, 80, 160)
+HEAD_DIMS = (40, 64, 80, 160)  # SD-1.4 (8 heads per level) and SD-2.x (64-wide heads everywhere)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N_q, N_k): self-attention with a whole number of key blocks, cross-attention's 77 keys, odd N
 SHAPES = {"self64": (64, 64), "cross77": (64, 77), "odd37": (37, 37)}
