@@ -17,7 +17,7 @@ from evaluation.images import file_info, load_image, parse_size
 from evaluation.options import build_settings, refuse_foreign_options
 from evaluation.registry import Registry
 from ldm.errors import UsageError
-from ldm.model import DTYPES, StableDiffusion, open_model
+from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, open_model
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def check_output_file(path: str, suffix: str) -> Path:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model and --image, as every run command takes them."""
-    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or tiny-random")
+    p.add_argument("--model", required=True, help="converted model directory (invedit convert), or a random-weight "
+                   f"test model: {', '.join(TINY_MODELS)}")
     p.add_argument("--image", required=True, help="the photo (any format PIL reads)")
 
 

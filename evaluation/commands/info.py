@@ -8,14 +8,15 @@ import time
 import torch
 
 from evaluation.registry import Registry
-from ldm.model import COMPONENTS, DTYPES, open_model
+from ldm.model import COMPONENTS, DTYPES, TINY_MODELS, open_model
 
 DESCRIPTION = "Load a model (or build tiny-random), print its parameter counts and attention sites, run one UNet call."
 
 
 def add_arguments(p: argparse.ArgumentParser, registry: Registry) -> None:
     p.description = DESCRIPTION
-    p.add_argument("--model", default="tiny-random", help="converted model directory or tiny-random (default: tiny-random)")
+    p.add_argument("--model", default="tiny-random",
+                   help=f"converted model directory or one of {', '.join(TINY_MODELS)} (default: tiny-random)")
     p.add_argument("--size", type=int, default=512, help="image size in pixels for the test forward (default: 512)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as stored)")
 
