@@ -7,9 +7,10 @@
   moment keeps every line of the jobs it finished.
 - RUNS/index.json: written once, by rank 0, after the final gather: the run (command, options,
   versions, per-rank timings), per method the counts of edited / existing / failed outputs, and
-  one entry per output (method, item and format). It is merged with the index already there: entries of other
-  outputs are kept, and an output this run found already written keeps the entry of the
-  run that wrote it. Written atomically, so it is the old index or the new, never half.
+  one entry per output (method, item and format). It is merged with the index already there:
+  entries of other outputs are kept, and an output this run found already written keeps the
+  entry of the run that wrote it. Written atomically, so it is the old index or the new, never
+  half.
 """
 
 from __future__ import annotations

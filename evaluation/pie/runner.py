@@ -203,7 +203,9 @@ def run_items(sd: StableDiffusion, registry: Registry, items: Sequence[PieItem],
               progress: bool = False) -> list[Record]:
     """Edit `items` with `methods` into RUNS; one record per (item, method): edited, failed, or
     existing (skipped). `log` sees each edited or failed record as soon as it is written."""
-    remove_leftovers(runs, items, methods, settings.fmt)
+    removed = remove_leftovers(runs, items, methods, settings.fmt)
+    if removed:
+        tqdm.write(f"removed {removed} unfinished file(s) a stopped run left in {runs}")
     todo = [(item, pending_methods(runs, item, methods, settings)) for item in items]
     runner = ItemRunner(sd, registry, runs, settings)
     records: list[Record] = []

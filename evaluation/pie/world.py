@@ -1,7 +1,7 @@
 """The processes of one benchmark run: one alone, or the ranks torchrun started (torch.distributed).
 
 PIE-Bench x methods is embarrassingly parallel, so scaling out needs no scheduler of ours: the
-user starts `torchrun --nproc-per-node N invedit-or-python -m ... eval run ...` (on one or several
+user starts `torchrun --nproc-per-node N --no-python invedit eval run ...` (on one or several
 nodes, torchrun's own options), every rank reads the same benchmark, takes items r, r+W, r+2W, ...
 (`shard`), writes its own outputs, and at the end `gather` brings every rank's records to rank 0,
 which writes the one index. Backends: nccl when the run is on CUDA, each rank on the GPU of its
