@@ -6,7 +6,8 @@ Table 1 (docs/evaluation.md).
 - layout.py: RUNS/<method>/annotation_images/<path>, PNG or the reference's JPEG; shared by the
   runner that writes edits and the scorer that reads them.
 - metrics.py (names, scales, NaN rules), pixels.py, structure.py, clip.py, networks.py (offline
-  weights), scores.py (items x methods -> table.py's ScoreTable and CSV), summary.py (means).
+  weights) with squeeze_lpips.py (LPIPS's SqueezeNet in plain torch), scores.py (items x methods
+  -> table.py's ScoreTable and CSV), summary.py (means).
 - report.py with plot.py, contact.py and reference.py (Table 1).
 - runner.py (the jobs of one process: per-item settings, shared trajectories, resuming), strip.py
   (the reference's 4-panel result), run_log.py (JSON lines per job, the index), world.py (torchrun
