@@ -3,7 +3,8 @@ torchmetrics' LPIPS-SqueezeNet values.
 
 Independent values: ORACLE below was computed by torchmetrics 1.9.0's own network
 (`_NoTrainLpips(net="squeeze")`, its backbone built by torchvision 0.28.0's `squeezenet1_1`, the
-checkpoint loaded into it) on the inputs these functions make: a torchvision-format SqueezeNet 1.1
+checkpoint loaded into it strictly; torchvision's Python package was used without its compiled
+operators, which SqueezeNet does not use) on the inputs these functions make: a torchvision-format SqueezeNet 1.1
 checkpoint with seeded random values (`random_checkpoint`) and seeded image pairs (`image_pairs`),
 with torchmetrics' bundled heads. torchvision cannot be imported here, so the values are recorded;
 where it imports, `test_matches_torchmetrics_own_network` recomputes them.
