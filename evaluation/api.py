@@ -247,12 +247,17 @@ def _encode(sd: StableDiffusion, image: np.ndarray, texts: list[str], timer: Sta
         return encode(sd, image), embed_texts(sd, texts)
 
 
+def edit_texts(spec: EditSpec, plan: EditPlan) -> tuple[str, ...]:
+    """Every text an edit embeds, in the order of its one text-encoder call: two edits with the same
+    texts get bit-identical embeddings (a different batch may round differently on some devices)."""
+    return tuple(dict.fromkeys(["", plan.inversion_prompt, spec.prompts.target, *plan.prompts.values()]))
+
+
 def edit_inputs(sd: StableDiffusion, image: np.ndarray, spec: EditSpec, plan: EditPlan,
                 timer: StageTimer | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """z0 and the embeddings of every text an edit uses, as `edit` computes them (an inversion made
     for this edit elsewhere must see the very same tensors)."""
-    texts = [plan.inversion_prompt, spec.prompts.target, *plan.prompts.values()]
-    return _encode(sd, image, texts, timer or StageTimer())
+    return _encode(sd, image, list(edit_texts(spec, plan)), timer or StageTimer())
 
 
 def invert(sd: StableDiffusion, image: np.ndarray, spec: InversionSpec, *, target: str | None = None,

@@ -1,10 +1,9 @@
 """The seven PIE-Bench metrics (+ source CLIP) on known inputs, against values computed here.
 
 CLIP and DINO run on tiny random-weight models saved as transformers folders and loaded through
-the same loader a user's folder goes through. LPIPS: torchmetrics builds its SqueezeNet with
-torchvision, whose PyPI wheel does not import beside a CPU-only torch (this machine, CI); so the
-masking and scaling around the network are tested with an injected network, the offline weight
-lookup with files, and the real network only where torchvision imports.
+the same loader a user's folder goes through. LPIPS: the masking and scaling around the network
+are tested here with an injected network, the offline weight lookup with files; the network itself
+against torchmetrics' values in test_pie_lpips.py.
 """
 
 from __future__ import annotations
@@ -125,28 +124,6 @@ def test_missing_lpips_weights_is_one_line_naming_the_file_and_the_option(tmp_pa
     message = str(err.value)
     assert str(tmp_path / "squeeze.pth") in message and "--lpips" in message and "squeezenet1_1" in message
     assert "\n" not in message
-
-
-def _torchvision_imports() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _torchvision_imports(), reason="torchvision does not import beside this torch build")
-def test_lpips_network_from_a_local_squeezenet_file_gives_zero_for_identical_images(tmp_path: Path):
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path / networks.SQUEEZENET_FILE
-    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)
-    net = networks.load_lpips(path)
-    image, other = photo(1), photo(2)
-    keep = ~rect_mask(100, 100, 200, 200)
-    assert lpips(image, image, net, keep) == 0.0
-    assert lpips(image, other, net, keep) > 0.0
 
 
 # --- CLIP ----------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ Two formats:
 - "jpeg": exactly the name the reference's evaluation script opens (the mapping file's .jpg path),
   written as JPEG at quality 75. The reference saves its results with PIL's `.save(path)` on a .jpg
   path, i.e. PIL's default quality 75, so its published numbers are measured on JPEG-compressed
-  edits; this mode reproduces that. (The reference saves a strip [prompts | source |
-  reconstruction | edit]; we save the edit alone. Its evaluator crops the right-most square of a
-  strip, so it reads the same edit; JPEG's chroma upsampling may differ in the first column.)
+  edits; this mode reproduces that. What is saved is the caller's: the runner saves the
+  reference's strip [prompts | source | reconstruction | edit] (strip.py), whose right-most square
+  the reference's evaluator crops.
 
 Reading accepts both formats and the reference's strips (the right-most square is the edit), so
 outputs of the original repositories can be scored too.

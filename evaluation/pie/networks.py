@@ -11,12 +11,11 @@
 Nothing is downloaded: a missing network is one line (a WeightsError) saying what is missing and
 where to put it. Each loader is called only for the metrics asked for.
 
-LPIPS: torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")` always asks
-torchvision for the pretrained backbone, which downloads when the checkpoint is not cached. To read
-a file the user names we build the same network, torchmetrics' `_NoTrainLpips`, with a random
-backbone and torchmetrics' linear heads, then load the checkpoint into the backbone, checking that
-every tensor is there. torchvision must import: its wheel has to match the installed torch build
-(PyPI's torchvision is built against PyPI's CUDA torch and fails to import beside a CPU-only torch).
+LPIPS: the network is squeeze_lpips.py's plain-torch SqueezeNet 1.1 with LPIPS on top, the
+computation of torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")` without
+torchvision (which torchmetrics would ask for the backbone, downloading it when not cached, and
+whose PyPI wheel does not import beside a CPU-only torch). The backbone is read from the
+checkpoint file, every tensor checked; the heads from torchmetrics' bundled file.
 """
 
 from __future__ import annotations
@@ -96,34 +95,29 @@ def squeezenet_path(source: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_lpips(source: str | os.PathLike[str] | None = None) -> nn.Module:
-    """torchmetrics' LPIPS-SqueezeNet network with the backbone read from `squeezenet_path(source)`.
-    Call it as net(img1, img2) on (N, 3, H, W) images in [-1, 1]; returns (N, 1, 1, 1)."""
-    path = squeezenet_path(source)  # first, so a missing file is reported even without torchvision
-    try:
-        import torchvision  # noqa: F401  (torchmetrics builds the SqueezeNet layers with it)
-    except Exception as err:  # a torchvision built for another torch fails with RuntimeError/OSError, not ImportError
-        raise WeightsError(
-            f"LPIPS needs torchvision built for this torch {torch.__version__} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); install the torchvision release matching it, "
-            "from the same index as torch, or leave lpips_unedit_part out of --metrics"
-        ) from None
-    from torchmetrics.functional.image.lpips import _NoTrainLpips
+    """LPIPS-SqueezeNet with the backbone read from `squeezenet_path(source)` and torchmetrics'
+    heads. Call it as net(img1, img2) on (N, 3, H, W) images in [-1, 1]; returns (N, 1, 1, 1)."""
+    from evaluation.pie.squeeze_lpips import SqueezeLpips, backbone_state, heads_path, heads_state
 
-    network = _NoTrainLpips(net="squeeze", pretrained=True, pnet_rand=True)  # heads from torchmetrics, backbone random
+    path = squeezenet_path(source)
+    heads = heads_path()
+    if heads is None or not heads.is_file():
+        raise WeightsError(f"LPIPS's linear heads come with torchmetrics ({heads or 'not installed'}): "
+                           "pip install -e '.[eval]'")
+    network = SqueezeLpips()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise WeightsError(f"{path}: cannot read the SqueezeNet checkpoint ({type(err).__name__}: {err})") from None
-    # torchvision names the layers features.<i>.*; torchmetrics keeps them, under slices.<k>.<i>.*
-    slice_of = {int(name): k for k, part in enumerate(network.net.slices) for name in part._modules}
-    renamed = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        index, _, tail = rest.partition(".")
-        if head == "features" and index.isdigit() and int(index) in slice_of:
-            renamed[f"slices.{slice_of[int(index)]}.{index}.{tail}"] = value
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"{path}: not torchvision's SqueezeNet 1.1 checkpoint (a {type(checkpoint).__name__})")
+    state = {**backbone_state(checkpoint), **heads_state(torch.load(heads, map_location="cpu", weights_only=True))}
+    not_squeezenet = f"{path}: not torchvision's SqueezeNet 1.1 checkpoint"
     try:
-        network.net.load_state_dict(renamed, strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{path}: not torchvision's SqueezeNet 1.1 checkpoint ({str(err).splitlines()[0]})") from None
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise WeightsError(f"{not_squeezenet} ({' '.join(str(err).split())[:300]})") from None
+    if missing or unexpected:
+        raise WeightsError(f"{not_squeezenet} (missing {len(missing)} tensors, e.g. {(missing or ['-'])[0]}; "
+                           f"{len(unexpected)} unexpected)")
     return network.eval()
