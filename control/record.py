@@ -1,5 +1,7 @@
 """Controllers that observe without editing: the target's cross-attention maps (for the per-word
-picture of `invedit edit`) and the latents after each step (a denoising trajectory).
+picture of `invedit edit`), the latents after each step (a denoising trajectory), and the
+cross-attention maps of one UNet call, site by site, with autograd (`CallMaps`: the maps the
+gradient methods compare, StyleDiffusion's attention loss and pix2pix-zero's guidance).
 
 Both compose with the editing controller in the loop's controller tuple (ldm/context.py): their
 `attend` returns None after looking, so the call goes on to the method. `CrossMapRecorder` sums
@@ -60,3 +62,29 @@ class TrajectoryRecorder(ControllerBase):
     def end_step(self, ctx: AttnContext, latents: Tensor) -> Tensor:
         self.latents.append(latents.detach().clone())
         return latents
+
+
+class CallMaps(ControllerBase):
+    """Plain attention; keeps softmax(Q K^T / sqrt(d)) of every cross-attention site `rule` selects,
+    for all rows of the call: `maps[site.index]` is (B, heads, N, 77) float32. Under autograd the
+    maps carry their graph back to the latents and the value input. `clear()` before each call:
+    the first map of a site is kept, so the recomputation a gradient-checkpointed backward pass
+    makes (AttnContext.checkpoint) neither replaces it nor keeps a second graph alive."""
+
+    def __init__(self, rule: SiteRule = SiteRule(kind="cross")) -> None:
+        super().__init__()
+        self.rule = rule
+        self.maps: dict[int, Tensor] = {}
+
+    def start(self, run: RunInfo) -> None:
+        super().start(run)
+        self.maps = {}
+
+    def clear(self) -> None:
+        self.maps = {}
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> None:
+        if site.kind == "cross" and self.rule.matches(site):
+            # computed on every call, so a checkpointed recomputation runs the same operations
+            self.maps.setdefault(site.index, attention_probs(q, k))
+        return None

@@ -5,7 +5,9 @@ V = to_v(context) (Vaswani et al. 2017, eq. 1), as in SD's CrossAttention: no bi
 projections, bias on the output. The layer never decides how Q, K and V are combined: it hands
 them to the sampler's controllers through `AttnContext.attend` (docs/architecture.md), which pick
 which rows feed which output row and call the fused kernel. Without a context (a plain network
-call) the layer calls the fused kernel itself.
+call) the layer calls the fused kernel itself. A context may also carry a separate value input for
+cross-attention (`ValueInput`, StyleDiffusion): at the sites it selects V = to_v(values), K still
+from the text.
 
 `upcast` (UNetConfig.upcast_attention, SD-2.1-768-v) hands Q, K and V to that call in float32
 when the weights are fp16/bf16 and casts the result back, so scores, softmax and the weighted sum
@@ -37,10 +39,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, ctx: AttnContext | None = None) -> Tensor:
         context = x if context is None else context
+        value_input = context
+        if ctx is not None and ctx.values is not None and self.site is not None and ctx.values.applies(self.site):
+            value_input = ctx.values.values.to(context.dtype)
         # (B, N, heads*d) -> (B, heads, N, d): the one layout every controller and kernel uses
         q, k, v = (
             rearrange(proj(src), "b n (h d) -> b h n d", h=self.heads)
-            for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+            for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, value_input))
         )
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()

@@ -14,6 +14,10 @@ Controllers compose as a tuple, in order:
 - `start`, `begin_step`: each controller is told, in order.
 The loop drives the lifecycle: `start(run)` before the first step of every run, so a controller
 reused for a second image starts clean and can build its row-index tensors once, on the run's device.
+
+Besides the controllers, a call may carry a separate value input for cross-attention (`ValueInput`,
+StyleDiffusion's learned values): the layers it selects compute V from it instead of from the text
+context, K (and therefore every attention map) still from the text. Without one, nothing changes.
 """
 
 from __future__ import annotations
@@ -143,11 +147,33 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class ValueInput:
+    """A separate value input of the cross-attention layers (StyleDiffusion, Li et al. 2023, §3.1).
+
+    At the cross-attention sites it selects, a layer computes V = to_v(values) instead of
+    to_v(context): the keys, and so the attention maps, still come from the text, only what the
+    maps average changes. values: (B, 77, C), one row per batch row; a row that keeps its own value
+    input carries its text context there. blocks: the transformer blocks (AttnSite.index) whose
+    cross-attention takes it; None selects every cross-attention site.
+    """
+
+    values: Tensor
+    blocks: frozenset[int] | None = None
+
+    def applies(self, site: AttnSite) -> bool:
+        return site.kind == "cross" and (self.blocks is None or site.index in self.blocks)
+
+
+@dataclass(frozen=True)
 class AttnContext:
     """Per-UNet-call information, built by the sampler.
 
     step: denoising step index (0 = first, noisiest); during inversion it counts inversion steps.
     controllers: in composition order (see the module docstring).
+    values: a separate value input for cross-attention (ValueInput), or None.
+    checkpoint: under autograd, keep only each UNet stage's input and recompute the stage in the
+        backward pass (gradient checkpointing: the gradient methods' activation memory drops by
+        about two thirds for one more forward pass); no effect without autograd.
     """
 
     step: int
@@ -155,6 +181,8 @@ class AttnContext:
     num_steps: int
     layout: BatchLayout
     controllers: tuple["Controller", ...] = ()
+    values: ValueInput | None = None
+    checkpoint: bool = False
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite) -> Tensor:
         """The layer's output: the first controller's that decides, else plain fused attention."""

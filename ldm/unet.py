@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import Attention
 from ldm.config import UNetConfig
@@ -261,11 +262,22 @@ class UNet(nn.Module):
         """x: (B, 4, h, w) latents; t: scalar or (B,) timesteps; context: (B, 77, context_dim)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype))
+        run = _checkpointed if ctx is not None and ctx.checkpoint and torch.is_grad_enabled() else _direct
         hs, h = [], x
         for stage in self.input_blocks:
-            h = stage(h, emb, context, ctx)
+            h = run(stage, h, emb, context, ctx)
             hs.append(h)
-        h = self.middle_block(h, emb, context, ctx)
+        h = run(self.middle_block, h, emb, context, ctx)
         for stage in self.output_blocks:
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context, ctx)
+            h = run(stage, torch.cat([h, hs.pop()], dim=1), emb, context, ctx)
         return self.out(h)
+
+
+def _direct(stage: Stage, h: Tensor, emb: Tensor, context: Tensor, ctx: AttnContext | None) -> Tensor:
+    return stage(h, emb, context, ctx)
+
+
+def _checkpointed(stage: Stage, h: Tensor, emb: Tensor, context: Tensor, ctx: AttnContext | None) -> Tensor:
+    """The stage's activations are recomputed in the backward pass instead of kept (AttnContext.checkpoint).
+    Non-reentrant, so tensors reaching the stage through the context (a value input) get their gradients."""
+    return checkpoint(stage, h, emb, context, ctx, use_reentrant=False)

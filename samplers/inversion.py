@@ -5,7 +5,9 @@ step i ideally reads L[-1-i] and produces L[-2-i], docs/methods/README.md ("Nota
 the method, per-step state the loop applies:
 - `null_embeddings`: one unconditional embedding per step (null-text's optimised ones, or
   negative-prompt inversion's E(src)), put on the uncond rows of `null_roles` (all roles when None);
-- `corrections`: a per-step fix of one role's latent after its DDIM step (DirectInversion).
+- `corrections`: a per-step fix of one role's latent after its DDIM step (DirectInversion);
+- `values`: a per-step value input of cross-attention for the conditional rows (StyleDiffusion's
+  learned mapping, as an affine modulation of each row's own text embedding).
 It also records what it cost (`InversionCost`) and its settings, for run.json and inversion files.
 
 `state_tensors()` names the per-step state as stacked tensors, the keys an inversion file holds
@@ -20,7 +22,7 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import Tensor
 
-from ldm.context import Role
+from ldm.context import BatchLayout, Role, ValueInput
 
 
 @dataclass(frozen=True)
@@ -46,23 +48,64 @@ class Correction:
 
 
 @dataclass(frozen=True)
+class ValueModulation:
+    """StyleDiffusion's learned value input of cross-attention, per denoising step.
+
+    At step i the conditional row of a modulated role attends, at every cross-attention layer, with
+    V = to_v(c * scale[i] + shift[i]), c the row's own text embedding: the reference's mapping
+    network output (docs/methods/stylediffusion.md), stored as what it is, a per-token affine map.
+    scale, shift: one (1, 77, C) float32 tensor per step.
+    until: role -> the first step at which that role's cond row is no longer modulated (StyleDiffusion's
+        editing schedule tau_v keeps the target's own values after a fraction of the run); None
+        modulates every cond row at every step (a reconstruction).
+    """
+
+    scale: tuple[Tensor, ...]
+    shift: tuple[Tensor, ...]
+    until: Mapping[Role, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != len(self.shift):
+            raise ValueError(f"{len(self.scale)} scales for {len(self.shift)} shifts")
+
+    def modulated(self, role: Role, step: int) -> bool:
+        return self.until is None or step < self.until.get(role, 0)
+
+    def value_input(self, step: int, layout: BatchLayout, context: Tensor) -> ValueInput | None:
+        """The call's ValueInput: context (B, 77, C) with the modulated cond rows mapped; None if no row is."""
+        rows = [i for i, row in enumerate(layout.rows) if row.branch == "cond" and self.modulated(row.role, step)]
+        if not rows:
+            return None
+        scale, shift = self.scale[step].to(context.device), self.shift[step].to(context.device)
+        mapped = {i: (context[i : i + 1].float() * scale + shift).to(context.dtype) for i in rows}
+        values = torch.cat([mapped.get(i, context[i : i + 1]) for i in range(context.shape[0])])  # (B, 77, C)
+        return ValueInput(values)
+
+
+@dataclass(frozen=True)
 class InversionCost:
     """What an inversion spent: UNet batch-row evaluations (a batch of 2 counts 2) forward, and
-    how many of them also ran backward; optimisation rounds per step where the method optimises."""
+    how many of them also ran backward; optimisation rounds per step where the method optimises,
+    and the wall time of the optimisation in seconds."""
 
     unet_rows: int = 0
     unet_rows_backward: int = 0
     rounds_per_step: tuple[int, ...] | None = None
+    seconds: float | None = None
 
     def __add__(self, other: "InversionCost") -> "InversionCost":
         rounds = self.rounds_per_step or other.rounds_per_step
-        return InversionCost(self.unet_rows + other.unet_rows, self.unet_rows_backward + other.unet_rows_backward, rounds)
+        times = [s for s in (self.seconds, other.seconds) if s is not None]
+        return InversionCost(self.unet_rows + other.unet_rows, self.unet_rows_backward + other.unet_rows_backward, rounds,
+                             sum(times) if times else None)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"unet_rows": self.unet_rows, "unet_rows_backward": self.unet_rows_backward}
         if self.rounds_per_step is not None:
             out["rounds_per_step"] = list(self.rounds_per_step)
             out["rounds_total"] = sum(self.rounds_per_step)
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 3)
         return out
 
 
@@ -81,6 +124,7 @@ class Inversion:
     null_embeddings: tuple[Tensor, ...] | None = None
     null_roles: tuple[Role, ...] | None = None
     corrections: Correction | None = None
+    values: ValueModulation | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     cost: InversionCost = InversionCost()
     losses: tuple[tuple[float, ...], ...] | None = None
@@ -90,7 +134,8 @@ class Inversion:
         if n < 1:
             raise ValueError("an inversion needs a trajectory of at least two latents")
         for name, values in (("null_embeddings", self.null_embeddings),
-                             ("corrections", None if self.corrections is None else self.corrections.values)):
+                             ("corrections", None if self.corrections is None else self.corrections.values),
+                             ("values", None if self.values is None else self.values.scale)):
             if values is not None and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} steps")
 
@@ -123,12 +168,16 @@ class Inversion:
     def state_tensors(self) -> dict[str, Tensor]:
         """The per-step state as stacked float32 tensors, by inversion-file key.
 
-        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction.
-        A pivot correction is the trajectory itself and is not stored again.
+        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction;
+        value_scale, value_shift (steps, 1, 77, C) for a value modulation. A pivot correction is
+        the trajectory itself and is not stored again.
         """
         out: dict[str, Tensor] = {}
         if self.null_embeddings is not None:
             out["null_embeddings"] = torch.stack([u.detach().float().cpu() for u in self.null_embeddings])
         if self.corrections is not None and self.corrections.kind == "offset":
             out["offsets"] = torch.stack([d.detach().float().cpu() for d in self.corrections.values])
+        if self.values is not None:
+            out["value_scale"] = torch.stack([a.detach().float().cpu() for a in self.values.scale])
+            out["value_shift"] = torch.stack([b.detach().float().cpu() for b in self.values.shift])
         return out

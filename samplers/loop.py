@@ -9,7 +9,8 @@ Per step i (timestep t = schedule.timesteps[i]):
      latents or the text embeddings (and run UNet calls of their own) and return new ones
   3. one UNet call on all rows of `layout` (rows of role "reference" are fed the inversion latent
      at the same timestep, inversion.pivot(i): Plug-and-Play's source branch; their prediction is
-     discarded), without autograd
+     discarded), without autograd; with the inversion's value modulation (StyleDiffusion) on the
+     cond rows it names
   4. guidance over each stepped role's uncond/cond rows (samplers/guidance.py)
   5. ddim_step of every stepped role
   6. inversion.corrections on its role (DirectInversion: source rows only)
@@ -23,7 +24,7 @@ order; that is also what controller.end_step receives and what `denoise` returns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
 import torch
@@ -59,6 +60,11 @@ class StepState:
 
     latents: (R, 4, h, w) float32, one per stepped role (layout.stepped_roles order).
     context: (B, 77, C) the text embedding of every layout row, in the UNet's dtype.
+    pivot: (1, 4, h, w) the inversion latent of this step, inversion.pivot(step) (what reference
+        rows are fed), when the loop has an inversion; a hook may compare against it.
+    inputs: (B, 4, h, w) the latent each layout row is fed in this step's UNet call, when a hook
+        moved the rows of one role apart (pix2pix-zero's reference steps each CFG row by its own
+        gradient); None feeds every row its role's latent.
     """
 
     step: int
@@ -67,12 +73,16 @@ class StepState:
     layout: BatchLayout
     latents: Tensor
     context: Tensor
+    pivot: Tensor | None = None
+    inputs: Tensor | None = None
 
 
 class StepHook(Protocol):
     """A per-step extension of the loop that may take gradients (pix2pix-zero's cross-attention
     guidance, a gradient step on the latent). `before_unet` runs with autograd enabled; whatever it
-    returns is detached before the loop goes on without autograd."""
+    returns is detached before the loop goes on without autograd. A hook that runs UNet calls of
+    its own may count their batch rows in an attribute `unet_rows` (reset by `start`), which the
+    editing API adds to the edit's cost."""
 
     def start(self, run: RunInfo) -> None: ...
 
@@ -179,15 +189,20 @@ def denoise(
         if use_nulls:
             c = context.clone()
             c[null_rows] = inversion.null_embeddings[i].to(c)  # type: ignore[union-attr]
+        inputs = None
         if hooks:
-            state = StepState(i, t, schedule.steps, layout, latents, c)
+            pivot = inversion.pivot(i) if inversion is not None else None
+            state = StepState(i, t, schedule.steps, layout, latents, c, pivot)
             with torch.enable_grad():
                 for hook in hooks:
                     state = hook.before_unet(sd, state)
             latents, c = state.latents.detach(), state.context.detach()
-        x = latents.index_select(0, feed)  # (B, 4, h, w), one latent per layout row
+            inputs = None if state.inputs is None else state.inputs.detach().float()
+        x = latents.index_select(0, feed) if inputs is None else inputs.clone()  # (B, 4, h, w), one latent per row
         if reference_rows:
             x[reference_rows] = inversion.pivot(i).to(x)  # type: ignore[union-attr]
+        if inversion is not None and inversion.values is not None:
+            ctx = replace(ctx, values=inversion.values.value_input(i, layout, c))
         eps = predict_noise(sd, x, t, c, ctx)
         calls += 1
         e = rows.eps(eps, guidance, ctx)  # (R, 4, h, w)
