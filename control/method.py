@@ -85,6 +85,9 @@ class EditMethod:
     name: the command-line name (`--control NAME`); aliases: the reference's index names, maybe
         implying settings (e.g. "proximal-guidance" = p2p with --prox l0).
     inversions: the inversion methods this one works with (None: any).
+    pairs: the reference's "<inversion>+<edit>" names that mean this method with that inversion
+        although their edit part names another (StyleDiffusion's P2P variant is its
+        "stylediffusion+p2p").
     """
 
     name: str
@@ -94,3 +97,4 @@ class EditMethod:
     aliases: tuple[Alias, ...] = ()
     inversions: tuple[str, ...] | None = None
     notes: tuple[str, ...] = field(default=())  # extra lines for `invedit methods`
+    pairs: tuple[str, ...] = ()

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from control import masactrl, p2p, plain, pnp
+from control import masactrl, p2p, plain, pnp, stylediffusion as stylediffusion_p2p
 from control.method import EditMethod
-from inversion import ddim, direct, negative_prompt, null_text
+from inversion import ddim, direct, negative_prompt, null_text, stylediffusion
 from inversion.method import InversionMethod
 from evaluation.api import EditSpec, InversionSpec
 from ldm.errors import UsageError
@@ -31,12 +31,14 @@ INVERSIONS: tuple[InversionMethod, ...] = (
     direct.METHOD,
     negative_prompt.METHOD,
     null_text.METHOD,
+    stylediffusion.METHOD,
 )
 EDITS: tuple[EditMethod, ...] = (
     p2p.METHOD,
     masactrl.METHOD,
     pnp.METHOD,
     plain.METHOD,
+    stylediffusion_p2p.METHOD,
 )
 RUN_KEYS = ("steps", "guidance", "seed")  # settings that belong to the run, not to a method
 
@@ -115,7 +117,8 @@ class Registry:
         inv, sep, edit = name.partition("+")
         if not sep or not inv or not edit:
             raise UsageError(f"method {name!r}: expected INVERSION+EDIT, e.g. directinversion+p2p")
-        return PairChoice(self.inversion(inv), self.edit(edit))
+        variant = next((m for m in self.edits if name in m.pairs), None)  # e.g. stylediffusion+p2p
+        return PairChoice(self.inversion(inv), Choice(variant) if variant is not None else self.edit(edit))
 
     def aliases(self) -> list[tuple[str, str, Alias]]:
         """(kind, method name, alias) for every alias, for `invedit methods`."""

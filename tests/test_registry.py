@@ -97,8 +97,8 @@ def image() -> np.ndarray:
 
 def test_the_default_registry_holds_every_method_and_is_not_changed_by_adding_one():
     assert Registry().inversions == INVERSIONS and Registry().edits == EDITS
-    assert {m.name for m in INVERSIONS} == {"ddim", "direct", "negative-prompt", "null-text"}
-    assert {m.name for m in EDITS} >= {"p2p", "masactrl", "pnp", "none"}
+    assert {m.name for m in INVERSIONS} >= {"ddim", "direct", "negative-prompt", "null-text", "stylediffusion"}
+    assert {m.name for m in EDITS} >= {"p2p", "masactrl", "pnp", "none", "stylediffusion-p2p"}
     assert "noisy" not in {m.name for m in Registry().inversions}  # with_inversion returned a new value
 
 
@@ -109,6 +109,7 @@ def test_the_default_registry_holds_every_method_and_is_not_changed_by_adding_on
     ("negative-prompt-inversion+proximal-guidance", "negative-prompt", "p2p", {"prox": "l0"}),
     ("directinversion+pnp", "direct", "pnp", {}),
     ("ddim+p2p-replace", "ddim", "p2p", {"replace": True}),
+    ("stylediffusion+p2p", "stylediffusion", "stylediffusion-p2p", {}),
 ])
 def test_the_references_method_names_resolve(name, inversion, edit_name, implied):
     pair = Registry().pair(name)
