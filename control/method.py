@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import numpy as np
 from torch import Tensor
 
 from ldm.context import BatchLayout, Controller, Row
@@ -46,6 +47,8 @@ class Sampling:
 
 # prepare(sd, inversion, embeddings by prompt text, progress) -> the inversion the loop should read
 Prepare = Callable[[StableDiffusion, Inversion, Mapping[str, Tensor], bool], Inversion]
+# resolve(settings, photo (H, W, 3) uint8) -> the settings with what depends on the photo filled in
+Resolve = Callable[[Settings, np.ndarray], Settings]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class EditPlan:
     controllers: in composition order (ldm/context.py); guidance: how each role's rows combine.
     hooks: step hooks that may take gradients before each UNet call (samplers/loop.py).
     prepare: an optional transformation of the inversion before the loop (Plug-and-Play feeds its
-        reference row from a reconstruction when the inversion does not pin the source).
+        reference row from a reconstruction when the inversion does not pin the source). UNet rows
+        it spends are what the returned inversion's cost adds to the given one's.
     """
 
     layout: BatchLayout
@@ -88,6 +92,8 @@ class EditMethod:
     pairs: the reference's "<inversion>+<edit>" names that mean this method with that inversion
         although their edit part names another (StyleDiffusion's P2P variant is its
         "stylediffusion+p2p").
+    resolve: fills in the settings that depend on the photo before the plan is made (pix2pix-zero's
+        caption from a BLIP captioner); the edit runs, and records, the resolved settings.
     """
 
     name: str
@@ -98,3 +104,4 @@ class EditMethod:
     inversions: tuple[str, ...] | None = None
     notes: tuple[str, ...] = field(default=())  # extra lines for `invedit methods`
     pairs: tuple[str, ...] = ()
+    resolve: Resolve | None = None

@@ -30,7 +30,7 @@ from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, ResSite, Row, RunInfo
 from ldm.model import ModelFacts, StableDiffusion
 from samplers.guidance import ClassifierFree
-from samplers.inversion import Inversion
+from samplers.inversion import Inversion, InversionCost
 from samplers.loop import denoise
 from samplers.settings import Alias, Settings, setting
 
@@ -103,7 +103,8 @@ def reconstruction_feed(sd: StableDiffusion, inversion: Inversion, prompt: Tenso
         trajectory = (rec[-1], *reversed(rec[1:]))
     else:  # trajectory[-1 - i] = r_i
         trajectory = tuple(reversed(rec))
-    return Inversion(inversion.method, trajectory, settings=inversion.settings, cost=inversion.cost)
+    cost = inversion.cost + InversionCost(unet_rows=inversion.steps)  # the 1-row reconstruction pass
+    return Inversion(inversion.method, trajectory, settings=inversion.settings, cost=cost)
 
 
 def plan_pnp(facts: ModelFacts, prompts: EditPrompts, settings: PnPSettings, sampling: Sampling) -> EditPlan:

@@ -202,6 +202,9 @@ def edit(
         benchmark runner shares one between the methods that start from it).
     """
     timer = timer or StageTimer()
+    if spec.method.resolve is not None:  # settings that depend on the photo (a caption), before the plan
+        with timer("resolve"):
+            spec = replace(spec, method_settings=spec.method.resolve(spec.method_settings, image))
     plan = plan_edit(sd, spec)
     inv_spec = spec.inversion_spec(plan)
     z0, embeddings = edit_inputs(sd, image, spec, plan, timer)
@@ -224,9 +227,9 @@ def edit(
     with timer("edit"):
         out = denoise(sd, plan.layout, texts, inversion=feed, controllers=(recorder, *plan.controllers),
                       guidance=plan.guidance, hooks=plan.hooks, progress=progress, desc="edit")
-    rows["edit"] = out.unet_rows
+    rows["edit"] = out.unet_rows + sum(getattr(hook, "unet_rows", 0) for hook in plan.hooks)
     if plan.prepare is not None and feed is not inversion:
-        rows["prepare"] = feed.steps  # a 1-row reconstruction pass
+        rows["prepare"] = feed.cost.unet_rows - inversion.cost.unet_rows  # what the prepared inversion added
     # the source branch: its stepped row, or, when the source is a reference row fed from the
     # (prepared) inversion, the latent it was fed last
     source = out.role("source") if "source" in out.roles else feed.z0.to(out.latents)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from control import masactrl, p2p, plain, pnp, stylediffusion as stylediffusion_p2p
+from control import masactrl, p2p, pix2pix_zero, plain, pnp, stylediffusion as stylediffusion_p2p
 from control.method import EditMethod
 from inversion import ddim, direct, negative_prompt, null_text, stylediffusion
 from inversion.method import InversionMethod
@@ -39,6 +39,7 @@ EDITS: tuple[EditMethod, ...] = (
     pnp.METHOD,
     plain.METHOD,
     stylediffusion_p2p.METHOD,
+    pix2pix_zero.METHOD,
 )
 RUN_KEYS = ("steps", "guidance", "seed")  # settings that belong to the run, not to a method
 

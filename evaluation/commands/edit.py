@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, registry: Registry) -> int:
         stages["total"] = round(sum(stages.values()), 4)
         record = run_record(
             "edit", params, stages, edits[0]["metrics"] if not many else {"targets": len(results)},
-            spec=specs[0].as_dict(), image=image_info, model=model_section(args, sd),
+            spec=results[0].spec.as_dict(), image=image_info, model=model_section(args, sd),
             inversion={"method": inversion.method, "settings": dict(inversion.settings),
                        "cost": inversion.cost.as_dict(), "from_file": str(file.path) if file is not None else None},
             edits=edits,

@@ -22,6 +22,8 @@ def describe(method, kind: str) -> list[str]:  # InversionMethod | EditMethod
         lines.append(f"      also: {', '.join(names)}")
     if kind == "edit" and method.inversions is not None:
         lines.append(f"      with inversions: {', '.join(method.inversions)}")
+    if kind == "edit" and method.pairs:
+        lines.append(f"      the pair {', '.join(method.pairs)} means this method")
     for f in setting_fields(method.settings):
         lines.append(f"      {f.flag:<28} {f.info.help} (default: {f.default})")
     return lines
