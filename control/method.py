@@ -16,7 +16,7 @@ knows what the method does (docs/architecture.md "Adding a method").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from torch import Tensor
@@ -83,15 +83,27 @@ PlanFn = Callable[[ModelFacts, EditPrompts, Settings, Sampling], EditPlan]
 
 
 @dataclass(frozen=True)
+class Pair:
+    """A reference "<inversion>+<edit>" name that means this editing method although its edit part
+    names another (StyleDiffusion's P2P variant is its "stylediffusion+p2p"), or whose inversion
+    part means a particular inversion (pix2pix-zero's "ddim" is its own regularised inversion).
+
+    inversion: the inversion method's name, None for the name's own first part; settings: the
+    inversion settings the name implies."""
+
+    name: str
+    inversion: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EditMethod:
     """An editing method as the registry, the command line and the benchmark runner see it.
 
     name: the command-line name (`--control NAME`); aliases: the reference's index names, maybe
         implying settings (e.g. "proximal-guidance" = p2p with --prox l0).
     inversions: the inversion methods this one works with (None: any).
-    pairs: the reference's "<inversion>+<edit>" names that mean this method with that inversion
-        although their edit part names another (StyleDiffusion's P2P variant is its
-        "stylediffusion+p2p").
+    pairs: the reference's "<inversion>+<edit>" names that mean this method (see `Pair`).
     resolve: fills in the settings that depend on the photo before the plan is made (pix2pix-zero's
         caption from a BLIP captioner); the edit runs, and records, the resolved settings.
     """
@@ -103,5 +115,5 @@ class EditMethod:
     aliases: tuple[Alias, ...] = ()
     inversions: tuple[str, ...] | None = None
     notes: tuple[str, ...] = field(default=())  # extra lines for `invedit methods`
-    pairs: tuple[str, ...] = ()
+    pairs: tuple["Pair", ...] = ()
     resolve: Resolve | None = None

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from control.caption import Captioner
 from control.cross_guidance import CrossAttentionGuidance, EditDirection
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling
 from control.words import normalize, token_ids
 from ldm.context import BatchLayout, Row, RunInfo
 from ldm.errors import UsageError
@@ -156,6 +156,8 @@ METHOD = EditMethod(
     settings=Pix2PixZeroSettings,
     plan=plan_pix2pix_zero,
     aliases=(Alias("pix2pixzero"),),
-    inversions=("ddim", "direct"),
+    inversions=("pix2pix-zero-inversion", "ddim", "direct"),
+    pairs=(Pair("ddim+pix2pix-zero", "pix2pix-zero-inversion"),
+           Pair("directinversion+pix2pix-zero", "pix2pix-zero-inversion", {"direct": True})),
     resolve=resolve_caption,
 )

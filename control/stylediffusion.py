@@ -21,7 +21,7 @@ from typing import Mapping
 from torch import Tensor
 
 from control.base import ControllerBase, StepWindow, parse_window
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling
 from control.p2p import P2PSettings, PromptToPrompt, make_p2p, parse_blend
 from control.words import Bounds
 from kernels.attention import fused_attention_rows
@@ -126,5 +126,5 @@ METHOD = EditMethod(
     settings=StyleDiffusionP2PSettings,
     plan=plan_stylediffusion_p2p,
     inversions=("stylediffusion",),
-    pairs=("stylediffusion+p2p",),
+    pairs=(Pair("stylediffusion+p2p"),),
 )

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from control import masactrl, p2p, pix2pix_zero, plain, pnp, stylediffusion as stylediffusion_p2p
 from control.method import EditMethod
 from inversion import ddim, direct, negative_prompt, null_text, stylediffusion
+from inversion import pix2pix_zero as pix2pix_zero_inversion
 from inversion.method import InversionMethod
 from evaluation.api import EditSpec, InversionSpec
 from ldm.errors import UsageError
@@ -32,6 +33,7 @@ INVERSIONS: tuple[InversionMethod, ...] = (
     negative_prompt.METHOD,
     null_text.METHOD,
     stylediffusion.METHOD,
+    pix2pix_zero_inversion.METHOD,
 )
 EDITS: tuple[EditMethod, ...] = (
     p2p.METHOD,
@@ -118,8 +120,13 @@ class Registry:
         inv, sep, edit = name.partition("+")
         if not sep or not inv or not edit:
             raise UsageError(f"method {name!r}: expected INVERSION+EDIT, e.g. directinversion+p2p")
-        variant = next((m for m in self.edits if name in m.pairs), None)  # e.g. stylediffusion+p2p
-        return PairChoice(self.inversion(inv), Choice(variant) if variant is not None else self.edit(edit))
+        for method in self.edits:  # a name that means a particular pair, e.g. stylediffusion+p2p
+            for known in method.pairs:
+                if known.name == name:
+                    choice = self.inversion(known.inversion or inv)
+                    implied = Choice(choice.method, {**choice.settings, **known.settings}, choice.run)
+                    return PairChoice(implied, Choice(method))
+        return PairChoice(self.inversion(inv), self.edit(edit))
 
     def aliases(self) -> list[tuple[str, str, Alias]]:
         """(kind, method name, alias) for every alias, for `invedit methods`."""

@@ -25,6 +25,12 @@ def _move(sample: Tensor, eps: Tensor, a_from: Tensor, a_to: Tensor) -> Tensor:
     return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
 
 
+def ddim_move(sample: Tensor, eps: Tensor, a_from: Tensor, a_to: Tensor) -> Tensor:
+    """Eq. 12 between two given alpha-bars, for inversions that read other ones than the grid's
+    (pix2pix-zero's inverse scheduler is shifted by one timestep)."""
+    return _move(sample, eps, a_from, a_to)
+
+
 def ddim_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -> Tensor:
     """One denoising step from timestep t to t - step_ratio (alpha-bar ab[0] past the end)."""
     return _move(sample, eps, schedule.alpha(t), schedule.alpha(schedule.prev(t)))

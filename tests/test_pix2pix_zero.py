@@ -5,6 +5,9 @@ caption as negative prompt, the maps of every cross-attention layer, SGD on both
 uncond row's latent stepped, DirectInversion's offsets added to the edit), with diffusers'
 DDIMScheduler for the steps.
 
+- pix2pix-zero's own inversion (inversion/pix2pix_zero.py): its noise regularisation and its
+  shifted inverse steps equal transcriptions of the reference's, and the reference's pair names
+  resolve to it (pinned for directinversion+pix2pix-zero);
 - both reference pairs (ddim+, directinversion+pix2pix-zero) equal the transcription;
 - guidance amount 0 is, bit for bit, the plain edit of the same direction;
 - identical prompts give a zero direction, and the edit then is the reconstruction, bit for bit;
@@ -19,6 +22,7 @@ DDIMScheduler for the steps.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +34,14 @@ import cli
 from control.caption import Captioner
 from control.cross_guidance import sentence_direction
 from evaluation.api import edit, plan_edit
-from evaluation.images import load_image
+from evaluation.images import load_image, to_tensor
 from evaluation.registry import Registry
+from inversion.pix2pix_zero import Pix2PixZeroInversionSettings, regularize_noise
 from ldm.context import AttnContext, BatchLayout, Row
 from ldm.errors import WeightsError
 from ldm.model import StableDiffusion
 from samplers.loop import denoise
+from samplers.schedule import Schedule
 from tests.oracle_fixtures import ORACLE
 
 SRC = "a round cake with orange frosting on a wooden plate"
@@ -157,10 +163,68 @@ def test_both_reference_pairs_equal_a_naive_transcription_of_the_reference(sd, i
     torch.testing.assert_close(result.latents[1:2], edited, rtol=1e-3, atol=1e-3)
     unguided = naive(sd, trajectory, cap, direction, 0.0, latent_list)[1]
     assert float((edited - unguided).abs().max()) > 0.1  # the guidance did something
-    if latent_list is not None:  # DirectInversion's reconstruction is the input latent
-        torch.testing.assert_close(result.latents[0:1], result.z0, rtol=0, atol=1e-5)
+    if latent_list is not None:  # DirectInversion's reconstruction is the inverted latent
+        torch.testing.assert_close(result.latents[0:1], trajectory[0], rtol=0, atol=1e-5)
     assert result.unet_rows == {"inversion": STEPS, "prepare": 2 * STEPS, "edit": STEPS * (2 + 3),
                                 "total": STEPS * 8}
+
+
+def transcribed_autocorrelation(x, rng):
+    """The reference's DDIMInversion.auto_corr_loss, random_shift=True."""
+    x = x.squeeze(0)
+    reg_loss = 0.0
+    for ch_idx in range(x.shape[0]):
+        noise = x[ch_idx][None, None, :, :]
+        while True:
+            roll_amount = rng.randrange(noise.shape[2] // 2)
+            reg_loss += (noise * torch.roll(noise, shifts=roll_amount, dims=2)).mean() ** 2
+            reg_loss += (noise * torch.roll(noise, shifts=roll_amount, dims=3)).mean() ** 2
+            if noise.shape[2] <= 8:
+                break
+            noise = torch.nn.functional.avg_pool2d(noise, kernel_size=2)
+    return reg_loss
+
+
+def test_the_noise_regularisation_is_the_references(sd) -> None:
+    eps = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # three pyramid levels
+    rng = random.Random(1234)
+    e_t = eps.clone()
+    for _ in range(5):
+        for _ in range(5):
+            var = e_t.detach().clone().requires_grad_(True)
+            transcribed_autocorrelation(var, rng).backward()
+            e_t = e_t - 20.0 * var.grad.detach() / 5
+        var = e_t.detach().clone().requires_grad_(True)
+        (var.var() + var.mean() ** 2 - 1 - torch.log(var.var() + 1e-7)).backward()
+        e_t = (e_t - 20.0 * var.grad.detach()).detach()
+    mine = regularize_noise(eps, Pix2PixZeroInversionSettings(), random.Random(1234))
+    torch.testing.assert_close(mine, e_t, rtol=1e-5, atol=1e-6)
+    assert float((mine - eps).abs().max()) > 1e-3
+
+
+def test_the_inverse_steps_read_the_references_shifted_alpha_bars(sd, small) -> None:
+    """With the regularisers off, L[k+1] = eq. 12 from ab[t-1] to ab[t+19] (ab[999] at the end)."""
+    plain = Pix2PixZeroInversionSettings(ac_weight=0.0, kl_weight=0.0, latent="mean")
+    result = edit(sd, small, REGISTRY.edit_spec(inversion="pix2pix-zero-inversion", method="pix2pix-zero", source=SRC,
+                                                target=TGT, steps=STEPS, xa_guidance=0.0, **plain.as_dict()))
+    ab = Schedule().alphas_cumprod
+    cap = sd.embed(["", SRC, TGT])[1:2]
+    z, want = result.z0, [result.z0]
+    with torch.no_grad():
+        for t in (1, 251, 501, 751):
+            e = sd.unet(z, t, cap)
+            a_t, a_next = ab[t - 1], ab[t + 249] if t + 250 <= 1000 else ab[999]
+            z = a_next.sqrt() * (z - (1 - a_t).sqrt() * e) / a_t.sqrt() + (1 - a_next).sqrt() * e
+            want.append(z)
+    for got, expected in zip(result.inversion.trajectory, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    sampled = edit(sd, small, spec(xa_guidance=0.0)).inversion.trajectory[0]  # the reference's posterior sample
+    with torch.no_grad():
+        posterior = sd.vae.encode(to_tensor(small))
+        noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1234))
+    torch.testing.assert_close(sampled, (posterior.mean + (0.5 * posterior.logvar).exp() * noise) * 0.18215)
+    pinned = REGISTRY.pair("directinversion+pix2pix-zero")
+    assert pinned.inversion.settings == {"direct": True} and REGISTRY.pair("ddim+pix2pix-zero").inversion.settings == {}
 
 
 def test_guidance_zero_is_the_plain_edit_of_the_direction_bit_for_bit(sd, small) -> None:
@@ -304,7 +368,7 @@ BAD = {
     "sentence file missing": (["--source-sentences", "/nonexistent/cats.txt"], "--source-sentences /nonexistent/cats.txt"),
     "caption and captioner": (["--caption", "a cake", "--captioner", "/x"], "--caption or --captioner, not both"),
     "captioner missing": (["--captioner", "/nonexistent/blip"], "--captioner"),
-    "null-text inversion": (["--inversion", "null-text"], "works with --inversion ddim or direct"),
+    "null-text inversion": (["--inversion", "null-text"], "works with --inversion pix2pix-zero-inversion or ddim or direct"),
 }
 
 

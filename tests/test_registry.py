@@ -97,7 +97,8 @@ def image() -> np.ndarray:
 
 def test_the_default_registry_holds_every_method_and_is_not_changed_by_adding_one():
     assert Registry().inversions == INVERSIONS and Registry().edits == EDITS
-    assert {m.name for m in INVERSIONS} >= {"ddim", "direct", "negative-prompt", "null-text", "stylediffusion"}
+    assert {m.name for m in INVERSIONS} >= {"ddim", "direct", "negative-prompt", "null-text", "stylediffusion",
+                                                 "pix2pix-zero-inversion"}
     assert {m.name for m in EDITS} >= {"p2p", "masactrl", "pnp", "none", "stylediffusion-p2p", "pix2pix-zero"}
     assert "noisy" not in {m.name for m in Registry().inversions}  # with_inversion returned a new value
 
@@ -110,8 +111,8 @@ def test_the_default_registry_holds_every_method_and_is_not_changed_by_adding_on
     ("directinversion+pnp", "direct", "pnp", {}),
     ("ddim+p2p-replace", "ddim", "p2p", {"replace": True}),
     ("stylediffusion+p2p", "stylediffusion", "stylediffusion-p2p", {}),
-    ("ddim+pix2pix-zero", "ddim", "pix2pix-zero", {}),
-    ("directinversion+pix2pix-zero", "direct", "pix2pix-zero", {}),
+    ("ddim+pix2pix-zero", "pix2pix-zero-inversion", "pix2pix-zero", {}),
+    ("directinversion+pix2pix-zero", "pix2pix-zero-inversion", "pix2pix-zero", {}),
 ])
 def test_the_references_method_names_resolve(name, inversion, edit_name, implied):
     pair = Registry().pair(name)

@@ -23,7 +23,10 @@ def describe(method, kind: str) -> list[str]:  # InversionMethod | EditMethod
     if kind == "edit" and method.inversions is not None:
         lines.append(f"      with inversions: {', '.join(method.inversions)}")
     if kind == "edit" and method.pairs:
-        lines.append(f"      the pair {', '.join(method.pairs)} means this method")
+        for pair in method.pairs:
+            inversion = f" with --inversion {pair.inversion}" if pair.inversion else ""
+            implied = "".join(f", {k}={v}" for k, v in pair.settings.items())
+            lines.append(f"      {pair.name} means this method{inversion}{implied}")
     for f in setting_fields(method.settings):
         lines.append(f"      {f.flag:<28} {f.info.help} (default: {f.default})")
     return lines
