@@ -2,11 +2,13 @@
 runs it (cure-lab/PnPInversion `run_editing_pix2pix_zero.py`; docs/methods/pix2pix-zero.md).
 
 The photo is described by a caption c (`--caption`, by default the source prompt; or BLIP's,
-`--captioner`), inverted under it, and denoised twice from z_T at the edit's guidance:
+`--captioner`), inverted under it (the reference's names use pix2pix-zero's own regularised
+inversion, inversion/pix2pix_zero.py; plain DDIM and DirectInversion work too), and denoised twice
+from z_T at the edit's guidance:
 1. the reconstruction, rows [c, c] (the caption is also the negative prompt): `prepare` runs it
-   and keeps its latent r_i at every step. From a DirectInversion (the reference's
-   directinversion+pix2pix-zero) r_i is pinned onto the inversion trajectory after each step and
-   the pinning offsets D_i = L[-2-i] - step(r_i) are recorded;
+   and keeps its latent r_i at every step. From an inversion that pins the source (the reference's
+   directinversion+pix2pix-zero, `Inversion.exact_source`) r_i is pinned onto the inversion
+   trajectory after each step and the pinning offsets D_i = L[-2-i] - step(r_i) are recorded;
 2. the edit, rows [c, c + Δ] (control/cross_guidance.py): Δ the difference of the mean text
    embeddings of the target and source sentences (by default the two prompts; `--source-sentences`
    / `--target-sentences` read one sentence per line), and before each UNet call a gradient step of
