@@ -123,6 +123,15 @@ class EditSpec:
                              self.seed)
 
 
+def resolve_spec(spec: EditSpec, image: np.ndarray) -> EditSpec:
+    """The spec with the method's settings that depend on the photo filled in (pix2pix-zero's BLIP
+    caption, EditMethod.resolve); `edit` does this first, and a caller that plans an edit itself
+    (to share work between edits) must do it before planning. Resolving twice changes nothing."""
+    if spec.method.resolve is None:
+        return spec
+    return replace(spec, method_settings=spec.method.resolve(spec.method_settings, image))
+
+
 def plan_edit(facts_or_sd: Any, spec: EditSpec) -> EditPlan:
     """The method's plan for this edit: every prompt, word and layer choice is checked here, with
     the tokenizer and the UNet's sites only (ModelFacts or a loaded StableDiffusion)."""
@@ -202,9 +211,9 @@ def edit(
         benchmark runner shares one between the methods that start from it).
     """
     timer = timer or StageTimer()
-    if spec.method.resolve is not None:  # settings that depend on the photo (a caption), before the plan
+    if spec.method.resolve is not None:
         with timer("resolve"):
-            spec = replace(spec, method_settings=spec.method.resolve(spec.method_settings, image))
+            spec = resolve_spec(spec, image)
     plan = plan_edit(sd, spec)
     inv_spec = spec.inversion_spec(plan)
     z0, embeddings = edit_inputs(sd, image, spec, plan, timer)

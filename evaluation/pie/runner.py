@@ -34,7 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from control.method import EditPlan
-from evaluation.api import EditResult, EditSpec, edit, edit_inputs, edit_texts, inversion_task, plan_edit
+from evaluation.api import (EditResult, EditSpec, edit, edit_inputs, edit_texts, inversion_task, plan_edit,
+                            resolve_spec)
 from evaluation.images import load_image
 from evaluation.pie.dataset import PieItem
 from evaluation.pie.layout import EditFormat, check_method, edit_path, write_edit
@@ -144,7 +145,7 @@ class ItemRunner:
         s = self.settings
         spec = None
         try:
-            spec = item_spec(self.registry, method, item, s.values)
+            spec = resolve_spec(item_spec(self.registry, method, item, s.values), image)  # e.g. a BLIP caption
             plan = plan_edit(self.sd, spec)
             trajectory, rows, origin = None, {}, "own"
             if spec.inversion.ddim_trajectory:
