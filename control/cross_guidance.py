@@ -1,11 +1,11 @@
 """pix2pix-zero's two step hooks (Parmar et al., "Zero-shot Image-to-Image Translation", SIGGRAPH
-2023, §3.2-3.3; docs/methods/pix2pix-zero.md), run by the editing loop before each UNet call
+2023; docs/methods/pix2pix-zero.md), run by the editing loop before each UNet call
 (samplers.loop.StepHook):
 
 - `EditDirection`: the edited branch's conditional text embedding is c + Δ, Δ = mean E(target
-  sentences) - mean E(source sentences), every token position (paper §3.2);
+  sentences) - mean E(source sentences), every token position (the paper's edit direction);
 - `CrossAttentionGuidance`: one gradient step on the edited branch's latent that pulls its
-  cross-attention maps toward the reconstruction's at the same step (paper eq. 3):
+  cross-attention maps toward the reconstruction's at the same step (the paper's cross-attention guidance):
 
       x_t <- x_t - λ ∇_x sum over every cross-attention site of ||M_edit(x_t) - M_rec||^2
 
@@ -86,7 +86,8 @@ def maps_loss(maps: dict[int, Tensor], reference: dict[int, Tensor], rows: int) 
 
 class CrossAttentionGuidance:
     """The gradient step on `role`'s latent; `amount` = λ. `losses[i]`: the map loss at step i,
-    before the step (both rows); `unet_rows`: the batch rows of its own UNet calls."""
+    before the step (both rows); `unet_rows`: the batch rows of its own UNet calls; `touched`: the
+    sites whose maps steer it (ControllerBase's report, for `invedit edit`)."""
 
     def __init__(self, amount: float, role: Role = "target", checkpoint: bool = False) -> None:
         self.amount = amount
@@ -94,9 +95,11 @@ class CrossAttentionGuidance:
         self.checkpoint = checkpoint
         self.losses: list[float] = []
         self.unet_rows = 0
+        self.touched: set[tuple[str, int, str]] = set()
 
     def start(self, run: RunInfo) -> None:
         self.losses, self.unet_rows = [], 0
+        self.touched = set()
         layout = run.layout
         self.rows = (layout.index(self.role, "uncond"), layout.index(self.role, "cond"))
         self.latent = layout.latent_index(self.role)
@@ -114,6 +117,7 @@ class CrossAttentionGuidance:
                               checkpoint=self.checkpoint)
             predict_noise(sd, z, state.timestep, state.context[row : row + 1], ctx)
             self.unet_rows += 1
+            self.touched |= recorder.touched
             return recorder.maps
 
         with frozen_weights(sd):

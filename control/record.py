@@ -85,6 +85,7 @@ class CallMaps(ControllerBase):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> None:
         if site.kind == "cross" and self.rule.matches(site):
+            self._touch(site)
             # computed on every call, so a checkpointed recomputation runs the same operations
             self.maps.setdefault(site.index, attention_probs(q, k))
         return None

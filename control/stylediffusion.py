@@ -1,4 +1,4 @@
-"""StyleDiffusion's Prompt-to-Prompt editing (Li et al. 2023, §3.3) as PIE-Bench runs it
+"""StyleDiffusion's Prompt-to-Prompt editing (Li et al. 2023) as PIE-Bench runs it
 (cure-lab/PnPInversion `run_editing_stylediffusion.py`; docs/methods/stylediffusion.md).
 
 Rows u_src, u_tgt, c_src, c_tgt with texts "", "", source, target, the Prompt-to-Prompt controller

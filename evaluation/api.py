@@ -172,7 +172,7 @@ class EditResult:
     reconstruction / edited: (H, W, 3) uint8 decodes of the two rows.
     attention: (77, h', w') the target's mean cross-attention map per token at the 16x16-at-512
         level, over the whole run (None if the method's rows have no conditional target).
-    sites: the attention/feature sites the method edited ("self:10:output_blocks...").
+    sites: the attention/feature sites the method edited or steers by ("self:10:output_blocks...").
     unet_rows: UNet batch-row evaluations per stage; timings: seconds per stage.
     """
 
@@ -245,7 +245,7 @@ def edit(
     latents = torch.cat([source, out.role("target")])
     with timer("decode"):
         reconstruction, edited = decode(sd, latents)
-    sites = sorted({site for c in plan.controllers for site in getattr(c, "touched", ())})
+    sites = sorted({site for c in (*plan.controllers, *plan.hooks) for site in getattr(c, "touched", ())})
     return EditResult(
         spec=spec, inversion_prompt=plan.inversion_prompt, z0=z0, latents=latents, reconstruction=reconstruction, edited=edited, inversion=inversion,
         attention=recorder.mean_maps(), sites=tuple(f"{kind}:{index}:{name}" for kind, index, name in sites),

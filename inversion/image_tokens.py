@@ -1,4 +1,4 @@
-"""The photo as CLIP image tokens, StyleDiffusion's input (Li et al. 2023, §3.1).
+"""The photo as CLIP image tokens, StyleDiffusion's input (Li et al. 2023).
 
 The reference (cure-lab/PnPInversion `models/stylediffusion/`, after sen-mao/StyleDiffusion) encodes
 the photo with OpenAI's CLIP ViT-B/16 and keeps *every* token of the last layer after the final

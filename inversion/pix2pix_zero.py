@@ -1,5 +1,5 @@
 """pix2pix-zero's own DDIM inversion (Parmar et al., "Zero-shot Image-to-Image Translation",
-SIGGRAPH 2023, §3.1 "Regularized inversion"; docs/methods/pix2pix-zero.md), the inversion behind the
+SIGGRAPH 2023, its "regularized" DDIM inversion; docs/methods/pix2pix-zero.md), the inversion behind the
 reference's ddim+pix2pix-zero and directinversion+pix2pix-zero (cure-lab/PnPInversion
 `models/pix2pix_zero/ddim_inv.py` and `scheduler.py`, as pix2pixzero/pix2pix-zero).
 
@@ -8,9 +8,9 @@ Per step, at label t = 1, 21, ..., 981, under the caption at guidance 1:
 2. the noise is pushed toward white Gaussian noise, 5 times: 5 rounds of
    eps <- eps - (20 / 5) grad L_ac(eps) (L_ac: the squared means of eps times itself rolled by a
    random shift along height and width, summed over channels and over the pyramid of 2x2 average
-   poolings down to 8x8, paper eq. 2), then eps <- eps - 20 grad L_kl(eps) (L_kl: the KL divergence of
+   poolings down to 8x8), then eps <- eps - 20 grad L_kl(eps) (L_kl: the KL divergence of
    N(mean, var) of eps from N(0, 1));
-3. L[k+1] = eq. 12 from alpha-bar ab[t-1] to ab[t+19] (ab[999] at the last step): the reference's
+3. L[k+1] = the DDIM step (Song et al. 2021, eq. 12) from alpha-bar ab[t-1] to ab[t+19] (ab[999] at the last step): the reference's
    inverse scheduler reads the alpha-bars one timestep below the grid's, so z_T lives at ab[999]
    while the edit starts at the label 981.
 The start latent is a sample of the VAE posterior (the reference calls latent_dist.sample()), drawn

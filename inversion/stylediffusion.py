@@ -6,13 +6,13 @@ denoising step, something that makes one CFG step land on the pivot; what it opt
 mapping network M_i that turns the photo's CLIP image tokens into the *value* input of every
 cross-attention layer of the conditional branch (the keys, hence the maps, stay the text's):
 
-    V = to_v(c * a_i + b_i),  (a_i, b_i) = M_i(CLIP tokens),  c = E(src)     (paper §3.1)
+    V = to_v(c * a_i + b_i),  (a_i, b_i) = M_i(CLIP tokens),  c = E(src)
 
 minimising, at step i (timestep t_i, reconstruction z_i),
 
     ||ddim_step(z_i, eps_u + w (eps_c[M_i] - eps_u)) - L[-2-i]||^2 / n
       + sum over the 16x16-at-512 cross-attention sites of the down and up blocks
-        of mean (A[M_i] - A*)^2                                                (paper §3.2, eq. 5)
+        of mean (A[M_i] - A*)^2       (the paper's attention regularisation)
 
 As the reference (cure-lab/PnPInversion `models/stylediffusion/inversion.py`, `utils.py`):
 - M_i: Conv1d(T -> 154) over the tokens, one [Conv1d(154 -> 154), BatchNorm1d (batch statistics,

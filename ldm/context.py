@@ -148,7 +148,7 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class ValueInput:
-    """A separate value input of the cross-attention layers (StyleDiffusion, Li et al. 2023, §3.1).
+    """A separate value input of the cross-attention layers (StyleDiffusion, Li et al. 2023).
 
     At the cross-attention sites it selects, a layer computes V = to_v(values) instead of
     to_v(context): the keys, and so the attention maps, still come from the text, only what the

@@ -167,6 +167,7 @@ def test_both_reference_pairs_equal_a_naive_transcription_of_the_reference(sd, i
         torch.testing.assert_close(result.latents[0:1], trajectory[0], rtol=0, atol=1e-5)
     assert result.unet_rows == {"inversion": STEPS, "prepare": 2 * STEPS, "edit": STEPS * (2 + 3),
                                 "total": STEPS * 8}
+    assert len(result.sites) == len([s for s in sd.unet.attn_sites() if s.kind == "cross"])  # the maps it steers by
 
 
 def transcribed_autocorrelation(x, rng):
