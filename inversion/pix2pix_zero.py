@@ -105,7 +105,8 @@ def invert_pix2pix_zero(sd: StableDiffusion, task: InversionTask,
     trajectory = [z]
     for t in tqdm(tuple(reversed(schedule.timesteps)), desc="pix2pix-zero inversion", disable=not task.progress, leave=False):
         with torch.no_grad():
-            eps = predict_noise(sd, z, t, task.prompt)
+            # z lives at ab[t - 1] on this shifted grid: a v output is read as noise there
+            eps = predict_noise(sd, z, t, task.prompt, alpha_bar=ab[t - 1])
         with torch.enable_grad():
             eps = regularize_noise(eps, settings, rng)
         a_next = ab[t + schedule.step_ratio - 1] if t + schedule.step_ratio <= n else ab[n - 1]
