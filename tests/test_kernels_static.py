@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "k
 RESULTS_36 = RESULTS.with_name("kernel-static-triton3.6.json")
 
 
-@pytest.mark.parametrize("head_dim", [40, 80, 160])
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 160])  # 64: SD-2, on the d=40 list
 def test_first_autotune_config_compiles_for_sm90a_without_spills(head_dim):
     config = autotune_configs(head_dim, torch.float16)[0]
     result = compile_config(head_dim, torch.float16, config, 90)
