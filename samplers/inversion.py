@@ -7,7 +7,9 @@ the method, per-step state the loop applies:
   negative-prompt inversion's E(src)), put on the uncond rows of `null_roles` (all roles when None);
 - `corrections`: a per-step fix of one role's latent after its DDIM step (DirectInversion);
 - `values`: a per-step value input of cross-attention for the conditional rows (StyleDiffusion's
-  learned mapping, as an affine modulation of each row's own text embedding).
+  learned mapping, as an affine modulation of each row's own text embedding);
+- `partner`: EDICT's second sequence at z_T (its coupled pair is (trajectory[-1], partner), which
+  only EDICT's own sampler, samplers/edict.py, denoises).
 It also records what it cost (`InversionCost`) and its settings, for run.json and inversion files.
 
 `state_tensors()` names the per-step state as stacked tensors, the keys an inversion file holds
@@ -117,6 +119,8 @@ class Inversion:
     trajectory: z_0 .. z_T, each (1, 4, h, w) float32, index = inversion step.
     settings: the method's settings as a dict (run.json, inversion-file metadata).
     losses: the optimisation loss per denoising step and inner iteration (null-text).
+    partner: (1, 4, h, w) EDICT's second latent of the pair at z_T, in the method's dtype (float64
+        by default; the trajectory then is float64 too).
     """
 
     method: str
@@ -128,6 +132,7 @@ class Inversion:
     settings: Mapping[str, Any] = field(default_factory=dict)
     cost: InversionCost = InversionCost()
     losses: tuple[tuple[float, ...], ...] | None = None
+    partner: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.steps
