@@ -123,9 +123,11 @@ class Registry:
             raise UsageError(f"method {name!r}: expected INVERSION+EDIT, e.g. directinversion+p2p")
         for method in self.edits:  # a name that means a particular pair, e.g. stylediffusion+p2p
             for known in method.pairs:
-                if known.name == name:
+                settings = known.match(name)
+                if settings is not None:
                     choice = self.inversion(known.inversion or inv)
-                    implied = Choice(choice.method, {**choice.settings, **known.settings}, choice.run)
+                    own = _split(choice.method, settings)
+                    implied = Choice(choice.method, {**choice.settings, **own.settings}, {**choice.run, **own.run})
                     return PairChoice(implied, Choice(method))
         return PairChoice(self.inversion(inv), self.edit(edit))
 

@@ -36,17 +36,31 @@ class Correction:
     kind "pivot": z = values[i] (DirectInversion fused into the loop: adding the offset
         target - z_rec computed in the editing batch itself lands exactly on the pivot L[-2-i]).
     values: one (1, C, h, w) tensor per denoising step.
+    weights: for "pivot", a per-step pull z + w_i (values[i] - z) instead of the full pin (w = 1);
+        DirectInversion's ablations scale the offsets (w = 0.4) or keep one step in s (w = 0 else).
+    others: offsets added to other roles' latents after the same step (DirectInversion's
+        add-target / add-source ablations), role -> one (1, C, h, w) tensor per step.
     """
 
     kind: Literal["offset", "pivot"]
     values: tuple[Tensor, ...]
     role: Role = "source"
+    weights: tuple[float, ...] | None = None
+    others: Mapping[Role, tuple[Tensor, ...]] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """The role lands on the values at every step (no ablation weakens the pin)."""
+        return self.weights is None or all(w == 1.0 for w in self.weights)
 
     def apply(self, step: int, latent: Tensor) -> Tensor:
         value = self.values[step].to(latent.device, latent.dtype)
         if self.kind == "offset":
             return latent + value
-        return value.expand_as(latent).clone()
+        w = 1.0 if self.weights is None else self.weights[step]
+        if w == 1.0:
+            return value.expand_as(latent).clone()
+        return latent + w * (value - latent)
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,8 @@ class Inversion:
     @property
     def exact_source(self) -> bool:
         """True when the source branch is pinned to the trajectory at every step (DirectInversion)."""
-        return self.corrections is not None and self.corrections.role == "source"
+        c = self.corrections
+        return c is not None and c.role == "source" and (c.kind == "offset" or c.exact)
 
     def pivot(self, step: int) -> Tensor:
         """The latent denoising step `step` should start from: L[-1-step]."""
@@ -173,7 +188,8 @@ class Inversion:
     def state_tensors(self) -> dict[str, Tensor]:
         """The per-step state as stacked float32 tensors, by inversion-file key.
 
-        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction;
+        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction
+        (target_offsets for the target's, DirectInversion's add-target / add-source ablations);
         value_scale, value_shift (steps, 1, 77, C) for a value modulation. A pivot correction is
         the trajectory itself and is not stored again.
         """
@@ -182,6 +198,8 @@ class Inversion:
             out["null_embeddings"] = torch.stack([u.detach().float().cpu() for u in self.null_embeddings])
         if self.corrections is not None and self.corrections.kind == "offset":
             out["offsets"] = torch.stack([d.detach().float().cpu() for d in self.corrections.values])
+        if self.corrections is not None and "target" in self.corrections.others:
+            out["target_offsets"] = torch.stack([d.detach().float().cpu() for d in self.corrections.others["target"]])
         if self.values is not None:
             out["value_scale"] = torch.stack([a.detach().float().cpu() for a in self.values.scale])
             out["value_shift"] = torch.stack([b.detach().float().cpu() for b in self.values.shift])
