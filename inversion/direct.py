@@ -121,22 +121,23 @@ def invert_direct(sd: StableDiffusion, task: InversionTask, settings: DirectSett
     weights = settings.weights(task.steps)
     if settings.form == "fused":
         pivots = tuple(trajectory[-2 - i] for i in range(task.steps))
-        return Inversion("direct", trajectory, corrections=Correction("pivot", pivots, weights=weights),
+        return Inversion("direct", trajectory, corrections=Correction("pivot", pivots, weights=weights, pinned=weights is None),
                          settings=settings.as_dict(), cost=cost)
     source, target = offsets(sd, task, trajectory, weights)
     rows = task.steps * (2 if task.target is None else 4)
-    return Inversion("direct", trajectory, corrections=correction(settings, source, target), settings=settings.as_dict(),
-                     cost=cost + InversionCost(unet_rows=rows))
+    return Inversion("direct", trajectory, corrections=correction(settings, source, target, weights is None),
+                     settings=settings.as_dict(), cost=cost + InversionCost(unet_rows=rows))
 
 
-def correction(settings: DirectSettings, source: Sequence[Tensor], target: Sequence[Tensor] | None) -> Correction:
+def correction(settings: DirectSettings, source: Sequence[Tensor], target: Sequence[Tensor] | None,
+               pinned: bool) -> Correction:
     """The offset correction of the source, with the ablations' offsets of the target."""
     others: dict[Role, tuple[Tensor, ...]] = {}
     if settings.target_offset == "source":
         others["target"] = tuple(source)
     elif settings.target_offset == "target" and target is not None:
         others["target"] = tuple(target)
-    return Correction("offset", tuple(source), others=others)
+    return Correction("offset", tuple(source), others=others, pinned=pinned)
 
 
 def restore_direct(task: InversionTask, settings: DirectSettings, state: Mapping[str, Tensor]) -> Inversion:
@@ -145,11 +146,14 @@ def restore_direct(task: InversionTask, settings: DirectSettings, state: Mapping
     assert task.trajectory is not None
     if settings.form == "fused":
         pivots = tuple(task.trajectory[-2 - i] for i in range(task.steps))
-        return Inversion("direct", task.trajectory, corrections=Correction("pivot", pivots, weights=settings.weights(task.steps)),
-                         settings=settings.as_dict())
+        weights = settings.weights(task.steps)
+        return Inversion("direct", task.trajectory, settings=settings.as_dict(),
+                         corrections=Correction("pivot", pivots, weights=weights, pinned=weights is None))
     source = tuple(d for d in state["offsets"])  # (steps, 1, 4, h, w) -> one (1, 4, h, w) per step
     target = tuple(d for d in state["target_offsets"]) if "target_offsets" in state else None
-    return Inversion("direct", task.trajectory, corrections=correction(settings, source, target), settings=settings.as_dict())
+    pinned = settings.weights(task.steps) is None
+    return Inversion("direct", task.trajectory, corrections=correction(settings, source, target, pinned),
+                     settings=settings.as_dict())
 
 
 METHOD = InversionMethod(

@@ -40,6 +40,8 @@ class Correction:
         DirectInversion's ablations scale the offsets (w = 0.4) or keep one step in s (w = 0 else).
     others: offsets added to other roles' latents after the same step (DirectInversion's
         add-target / add-source ablations), role -> one (1, C, h, w) tensor per step.
+    pinned: the role lands on the inversion trajectory after every step (False for the ablations
+        that pull it only part of the way, or onto null-text's reconstruction instead).
     """
 
     kind: Literal["offset", "pivot"]
@@ -47,11 +49,7 @@ class Correction:
     role: Role = "source"
     weights: tuple[float, ...] | None = None
     others: Mapping[Role, tuple[Tensor, ...]] = field(default_factory=dict)
-
-    @property
-    def exact(self) -> bool:
-        """The role lands on the values at every step (no ablation weakens the pin)."""
-        return self.weights is None or all(w == 1.0 for w in self.weights)
+    pinned: bool = True
 
     def apply(self, step: int, latent: Tensor) -> Tensor:
         value = self.values[step].to(latent.device, latent.dtype)
@@ -179,7 +177,7 @@ class Inversion:
     def exact_source(self) -> bool:
         """True when the source branch is pinned to the trajectory at every step (DirectInversion)."""
         c = self.corrections
-        return c is not None and c.role == "source" and (c.kind == "offset" or c.exact)
+        return c is not None and c.role == "source" and c.pinned
 
     def pivot(self, step: int) -> Tensor:
         """The latent denoising step `step` should start from: L[-1-step]."""
