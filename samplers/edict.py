@@ -124,8 +124,9 @@ def edict_denoise(
     arguments). The inversion's settings fix the rest: the grid and strength, the coupling, the
     guidance scale and the dtype the UNet runs in; `guidance`, `steps` and `schedule` are not read.
 
-    Controllers observe (the cross-attention recorder) and may edit attention; hooks and reference
-    rows are refused: EDICT's reference edits by re-denoising with the target prompt alone.
+    Controllers observe (the cross-attention recorder) and may edit attention, twice per step (one
+    call per half-update); their end_step is not called, a role having two latents. Hooks and
+    reference rows are refused: EDICT's reference edits by re-denoising with the target prompt alone.
     """
     if inversion is None or inversion.partner is None:
         raise ValueError("EDICT denoises the coupled pair of an EDICT inversion; pass inversion=")
