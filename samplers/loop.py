@@ -213,7 +213,8 @@ def denoise(
             latents[k : k + 1] = corrections.apply(i, latents[k : k + 1])
             for role, offsets in corrections.others.items():  # DirectInversion's add-target ablations
                 if role in roles:
-                    latents[roles.index(role)] += offsets[i].to(latents)
+                    r = roles.index(role)
+                    latents[r : r + 1] += offsets[i].to(latents)
         for controller in controllers:
             latents = controller.end_step(ctx, latents)
     return Denoised(latents=latents, roles=roles, unet_calls=calls, unet_rows=calls * len(layout))
