@@ -227,8 +227,8 @@ def edit(
         with timer("invert"):
             inversion = run_inversion(sd, inv_spec, task)
         rows["inversion"] = inversion.cost.unet_rows
-    elif inversion.steps != spec.steps or inversion.latent_shape != tuple(z0.shape):
-        raise UsageError(f"the inversion has {inversion.steps} steps of latents {inversion.latent_shape}; this edit "
+    elif inversion.grid_steps != spec.steps or inversion.latent_shape != tuple(z0.shape):
+        raise UsageError(f"the inversion has {inversion.grid_steps} steps of latents {inversion.latent_shape}; this edit "
                          f"needs {spec.steps} steps of {tuple(z0.shape)}")
     feed = inversion
     if plan.prepare is not None:

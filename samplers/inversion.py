@@ -161,6 +161,12 @@ class Inversion:
         return len(self.trajectory) - 1
 
     @property
+    def grid_steps(self) -> int:
+        """The number of steps of the grid it was made on: its own length, or, for EDICT, which
+        walks part of its grid, the grid's (recorded in its settings as "steps")."""
+        return int(self.settings.get("steps", self.steps))
+
+    @property
     def z0(self) -> Tensor:
         return self.trajectory[0]
 

@@ -140,9 +140,10 @@ def test_edict_refuses_attention_control_and_empty_grids() -> None:
 def test_edict_from_the_command_line(tmp_path) -> None:
     out = tmp_path / "edit"
     rc = cli.main(["edit", "--model", "tiny-random", "--image", str(IMAGE), "--source", "a round cake",
-                   "--target", "a square cake", "--method", "edict+direct_forward", "--edict-dtype", "float32",
-                   "--steps", "5", "--size", "64", "--no-progress", "-o", str(out)])
-    assert rc == 0 and (out / "edited.png").is_file()
+                   "--target", "a square cake", "--target", "a round pie", "--method", "edict+direct_forward",
+                   "--edict-dtype", "float32", "--steps", "5", "--size", "64", "--no-progress", "-o", str(out)])
+    assert rc == 0  # two targets: one inversion, edited twice
+    assert len(list(out.glob("*/edited.png"))) == 2
     rec = json.loads((out / "run.json").read_text())
     assert rec["params"]["inversion"] == "edict"
     rec_out = tmp_path / "rec"
