@@ -145,7 +145,8 @@ def test_edict_from_the_command_line(tmp_path) -> None:
     assert rc == 0  # two targets: one inversion, edited twice
     assert len(list(out.glob("*/edited.png"))) == 2
     rec = json.loads((out / "run.json").read_text())
-    assert rec["params"]["inversion"] == "edict"
+    assert rec["inversion"]["method"] == "edict" and rec["inversion"]["cost"]["unet_rows"] == 4 * 4
+    assert all("invert" in e["timings_s"] and "edit" in e["timings_s"] for e in rec["edits"][:1])
     rec_out = tmp_path / "rec"
     rc = cli.main(["reconstruct", "--model", "tiny-random", "--image", str(IMAGE), "--prompt", "a cake",
                    "--inversion", "edict", "--steps", "5", "--size", "64", "--no-progress", "-o", str(rec_out)])
