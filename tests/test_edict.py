@@ -1,6 +1,6 @@
 """EDICT (docs/methods/edict.md): the coupled step against the paper's equations transcribed here,
 exact inversion in float64 through the editing API, the float32 option, `edict+direct_forward`
-editing, and both commands. The SMALL random model (8x8 latents) at 10 steps: 8 active steps."""
+editing, and both commands. The SMALL random model (8x8 latents) at 5 steps: 4 active steps."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from samplers.schedule import Schedule
 from tests.test_loop import SMALL
 from tests.test_reconstruct import IMAGE
 
-STEPS = 10
+STEPS = 5
 ACTIVE = STEPS - int(STEPS * 0.8)  # the first grid point EDICT uses
 
 
