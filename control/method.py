@@ -15,6 +15,7 @@ knows what the method does (docs/architecture.md "Adding a method").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -89,11 +90,18 @@ class Pair:
     part means a particular inversion (pix2pix-zero's "ddim" is its own regularised inversion).
 
     inversion: the inversion method's name, None for the name's own first part; settings: the
-    inversion settings the name implies."""
+    inversion settings (and run settings: guidance, steps) the name implies; with `pattern`, `name`
+    is a regular expression matched against the whole pair name and `settings` a function of the
+    match (DirectInversion's guidance ablation, "directinversion+p2p_guidance_{i}_{f}")."""
 
     name: str
     inversion: str | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] | Callable[[re.Match[str]], Mapping[str, Any]] = field(default_factory=dict)
+    pattern: bool = False
+
+    def match(self, name: str) -> dict[str, Any] | None:
+        """The implied settings if `name` is this pair's, else None."""
+        return Alias(self.name, self.settings, self.pattern).match(name)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ the reference uses it with P2P only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, parse_window, replace_rows
 from control.local_blend import LocalBlend
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling
 from control.words import (
     Bounds,
     cross_replace_schedule,
@@ -260,6 +261,14 @@ def plan_p2p(facts: ModelFacts, prompts: EditPrompts, settings: P2PSettings, sam
     return EditPlan(BatchLayout.cfg(), texts, prompts.source, guidance_of(settings, sampling.guidance), (controller,))
 
 
+GUIDANCE_TOKENS = {"0": 0.0, "1": 1.0, "25": 2.5, "5": 5.0, "75": 7.5}  # as the reference's names spell them
+
+
+def guidance_pair(m: re.Match[str]) -> dict[str, float]:
+    """directinversion+p2p_guidance_{i}_{f}: inversion guidance i, the run's guidance f."""
+    return {"inversion_guidance": GUIDANCE_TOKENS[m[1]], "guidance": GUIDANCE_TOKENS[m[2]]}
+
+
 METHOD = EditMethod(
     name="p2p",
     summary="Prompt-to-Prompt: refine (or --replace) cross-attention, self-attention from the source, "
@@ -268,4 +277,7 @@ METHOD = EditMethod(
     plan=plan_p2p,
     aliases=(Alias("p2p-refine"), Alias("p2p-replace", {"replace": True}), Alias("prompt-to-prompt"),
              Alias("proximal-guidance", {"prox": "l0"})),
+    # the reference runner's guidance ablation: DirectInversion inverted under CFG scale i, offsets
+    # and edit at f (tokens 0, 1, 25, 5, 75 = 0, 1, 2.5, 5, 7.5)
+    pairs=(Pair(r"directinversion\+p2p_guidance_(0|1|25|5|75)_(0|1|25|5|75)", "direct", guidance_pair, pattern=True),),
 )

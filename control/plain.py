@@ -1,6 +1,7 @@
 """The edit without attention control: both branches denoised from the inversion with their own
 prompts, nothing shared between them (the reference's "direct synthesis" and the baseline every
-controller is measured against)."""
+controller is measured against; "direct_forward" is the reference's name for it after EDICT's
+inversion, `edict+direct_forward`)."""
 
 from __future__ import annotations
 
@@ -22,5 +23,5 @@ METHOD = EditMethod(
     summary="no attention control: the target is denoised from the inversion under its own prompt",
     settings=NoSettings,
     plan=plan_plain,
-    aliases=(Alias("plain"), Alias("direct-synthesis")),
+    aliases=(Alias("plain"), Alias("direct-synthesis"), Alias("direct_forward")),
 )

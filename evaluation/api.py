@@ -92,6 +92,9 @@ class EditSpec:
         if self.method.inversions is not None and self.inversion.name not in self.method.inversions:
             raise UsageError(f"--control {self.method.name} works with --inversion "
                              f"{' or '.join(self.method.inversions)}, not {self.inversion.name}")
+        if self.inversion.edits is not None and self.method.name not in self.inversion.edits:
+            raise UsageError(f"--inversion {self.inversion.name} works with --control "
+                             f"{' or '.join(self.inversion.edits)}, not {self.method.name}")
 
     @property
     def prompts(self) -> EditPrompts:
@@ -224,8 +227,8 @@ def edit(
         with timer("invert"):
             inversion = run_inversion(sd, inv_spec, task)
         rows["inversion"] = inversion.cost.unet_rows
-    elif inversion.steps != spec.steps or inversion.latent_shape != tuple(z0.shape):
-        raise UsageError(f"the inversion has {inversion.steps} steps of latents {inversion.latent_shape}; this edit "
+    elif inversion.grid_steps != spec.steps or inversion.latent_shape != tuple(z0.shape):
+        raise UsageError(f"the inversion has {inversion.grid_steps} steps of latents {inversion.latent_shape}; this edit "
                          f"needs {spec.steps} steps of {tuple(z0.shape)}")
     feed = inversion
     if plan.prepare is not None:
@@ -233,8 +236,9 @@ def edit(
             feed = plan.prepare(sd, inversion, embeddings, progress)
     recorder = CrossMapRecorder("target")
     texts = {row: embeddings[text] for row, text in plan.prompts.items()}
+    sample = spec.inversion.sampler or denoise  # EDICT denoises its coupled pair with its own sampler
     with timer("edit"):
-        out = denoise(sd, plan.layout, texts, inversion=feed, controllers=(recorder, *plan.controllers),
+        out = sample(sd, plan.layout, texts, inversion=feed, controllers=(recorder, *plan.controllers),
                       guidance=plan.guidance, hooks=plan.hooks, progress=progress, desc="edit")
     rows["edit"] = out.unet_rows + sum(getattr(hook, "unet_rows", 0) for hook in plan.hooks)
     if plan.prepare is not None and feed is not inversion:
@@ -313,8 +317,9 @@ def reconstruct(sd: StableDiffusion, image: np.ndarray, spec: InversionSpec, *, 
     prompt = spec.prompt
     layout = BatchLayout.cfg(("source",))
     texts = {Row("source", "uncond"): embeddings[""], Row("source", "cond"): embeddings[prompt]}
+    sample = spec.method.sampler or denoise
     with timer("denoise"):
-        out = denoise(sd, layout, texts, inversion=inversion, guidance=spec.guidance, progress=progress,
+        out = sample(sd, layout, texts, inversion=inversion, guidance=spec.guidance, progress=progress,
                       desc="reconstruct")
     with timer("decode"):
         recon = decode(sd, out.latents)[0]

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from control import masactrl, p2p, pix2pix_zero, plain, pnp, stylediffusion as stylediffusion_p2p
 from control.method import EditMethod
-from inversion import ddim, direct, negative_prompt, null_text, stylediffusion
+from inversion import ddim, direct, edict, negative_prompt, null_text, stylediffusion
 from inversion import pix2pix_zero as pix2pix_zero_inversion
 from inversion.method import InversionMethod
 from evaluation.api import EditSpec, InversionSpec
@@ -34,6 +34,7 @@ INVERSIONS: tuple[InversionMethod, ...] = (
     null_text.METHOD,
     stylediffusion.METHOD,
     pix2pix_zero_inversion.METHOD,
+    edict.METHOD,
 )
 EDITS: tuple[EditMethod, ...] = (
     p2p.METHOD,
@@ -122,9 +123,11 @@ class Registry:
             raise UsageError(f"method {name!r}: expected INVERSION+EDIT, e.g. directinversion+p2p")
         for method in self.edits:  # a name that means a particular pair, e.g. stylediffusion+p2p
             for known in method.pairs:
-                if known.name == name:
+                settings = known.match(name)
+                if settings is not None:
                     choice = self.inversion(known.inversion or inv)
-                    implied = Choice(choice.method, {**choice.settings, **known.settings}, choice.run)
+                    own = _split(choice.method, settings)
+                    implied = Choice(choice.method, {**choice.settings, **own.settings}, {**choice.run, **own.run})
                     return PairChoice(implied, Choice(method))
         return PairChoice(self.inversion(inv), self.edit(edit))
 

@@ -19,7 +19,7 @@ from inversion.method import InversionMethod, InversionTask
 from ldm.model import StableDiffusion
 from samplers.ddim import ddim_inverse_step
 from samplers.inversion import Inversion, InversionCost
-from samplers.noise import predict_inversion_noise
+from samplers.noise import cfg, predict_inversion_noise
 from samplers.settings import Alias, Settings
 
 
@@ -35,17 +35,32 @@ def ddim_trajectory(sd: StableDiffusion, task: InversionTask) -> tuple[Tensor, .
     The task's trajectory when it has one (computed once, shared by every method that needs it)."""
     if task.trajectory is not None:
         return task.trajectory
+    return guided_trajectory(sd, task, 1.0)
+
+
+@torch.no_grad()
+def guided_trajectory(sd: StableDiffusion, task: InversionTask, scale: float) -> tuple[Tensor, ...]:
+    """The DDIM inversion with eps = CFG(E(""), prompt, scale) at every step, as DirectInversion's
+    guidance ablation inverts (the reference's `ddim_with_guidance_scale_loop`); scale 1 is the
+    plain inversion, with the conditional prediction alone (one row per step, not two)."""
     schedule = task.schedule
+    context = task.prompt if scale == 1.0 else torch.cat([task.null.to(task.prompt), task.prompt])  # (1|2, 77, C)
     z = task.z0.float()
     trajectory = [z]
     for t in tqdm(tuple(reversed(schedule.timesteps)), desc="DDIM inversion", disable=not task.progress, leave=False):
-        z = ddim_inverse_step(z, predict_inversion_noise(sd, z, t, task.prompt, schedule), t, schedule)
+        eps = predict_inversion_noise(sd, z, t, context, schedule)
+        if scale != 1.0:
+            eps = cfg(eps[:1], eps[1:], scale)
+        z = ddim_inverse_step(z, eps, t, schedule)
         trajectory.append(z)
     return tuple(trajectory)
 
 
-def trajectory_cost(task: InversionTask) -> InversionCost:
-    """The DDIM pass's cost: one row per step, nothing when the trajectory was given."""
+def trajectory_cost(task: InversionTask, scale: float = 1.0) -> InversionCost:
+    """The DDIM pass's cost: one row per step (two under guidance), nothing when the plain
+    trajectory was given."""
+    if scale != 1.0:
+        return InversionCost(unet_rows=2 * task.steps)
     return InversionCost(unet_rows=0 if task.trajectory is not None else task.steps)
 
 

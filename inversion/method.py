@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ldm.model import StableDiffusion
 from samplers.inversion import Inversion
+from samplers.loop import Denoised
 from samplers.schedule import Schedule
 from samplers.settings import Alias, Settings
 
@@ -62,6 +63,7 @@ class InversionTask:
 
 
 InvertFn = Callable[[StableDiffusion, InversionTask, Any], Inversion]
+SamplerFn = Callable[..., Denoised]  # samplers.loop.denoise's signature
 RestoreFn = Callable[[InversionTask, Any, Mapping[str, Tensor]], Inversion]
 
 
@@ -79,6 +81,9 @@ class InversionMethod:
         (Inversion.state_tensors() names them); without them the method is re-run on the file's
         trajectory when `ddim_trajectory` allows it.
     restore: rebuild the Inversion from a file's trajectory (in `task`) and state tensors.
+    sampler: for an inversion only its own sampler can denoise (EDICT's coupled pair), that sampler,
+        with `samplers.loop.denoise`'s arguments; `reconstruct` and `edit` use it instead of the loop.
+    edits: the editing methods it works with (None: any).
     """
 
     name: str
@@ -89,6 +94,8 @@ class InversionMethod:
     ddim_trajectory: bool = True
     state_keys: tuple[str, ...] = ()
     restore: RestoreFn | None = None
+    sampler: SamplerFn | None = None
+    edits: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.state_keys and self.restore is None:

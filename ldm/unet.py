@@ -29,12 +29,14 @@ from ldm.context import AttnContext, AttnSite, Place, ResSite
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, as the original does for fp16 inference."""
+    """GroupNorm computed in float32 (float64 for a float64 UNet: EDICT's exact inversion needs every
+    operation in double) and cast back, as the original does for fp16 inference."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

@@ -7,7 +7,9 @@ the method, per-step state the loop applies:
   negative-prompt inversion's E(src)), put on the uncond rows of `null_roles` (all roles when None);
 - `corrections`: a per-step fix of one role's latent after its DDIM step (DirectInversion);
 - `values`: a per-step value input of cross-attention for the conditional rows (StyleDiffusion's
-  learned mapping, as an affine modulation of each row's own text embedding).
+  learned mapping, as an affine modulation of each row's own text embedding);
+- `partner`: EDICT's second sequence at z_T (its coupled pair is (trajectory[-1], partner), which
+  only EDICT's own sampler, samplers/edict.py, denoises).
 It also records what it cost (`InversionCost`) and its settings, for run.json and inversion files.
 
 `state_tensors()` names the per-step state as stacked tensors, the keys an inversion file holds
@@ -34,17 +36,29 @@ class Correction:
     kind "pivot": z = values[i] (DirectInversion fused into the loop: adding the offset
         target - z_rec computed in the editing batch itself lands exactly on the pivot L[-2-i]).
     values: one (1, C, h, w) tensor per denoising step.
+    weights: for "pivot", a per-step pull z + w_i (values[i] - z) instead of the full pin (w = 1);
+        DirectInversion's ablations scale the offsets (w = 0.4) or keep one step in s (w = 0 else).
+    others: offsets added to other roles' latents after the same step (DirectInversion's
+        add-target / add-source ablations), role -> one (1, C, h, w) tensor per step.
+    pinned: the role lands on the inversion trajectory after every step (False for the ablations
+        that pull it only part of the way, or onto null-text's reconstruction instead).
     """
 
     kind: Literal["offset", "pivot"]
     values: tuple[Tensor, ...]
     role: Role = "source"
+    weights: tuple[float, ...] | None = None
+    others: Mapping[Role, tuple[Tensor, ...]] = field(default_factory=dict)
+    pinned: bool = True
 
     def apply(self, step: int, latent: Tensor) -> Tensor:
         value = self.values[step].to(latent.device, latent.dtype)
         if self.kind == "offset":
             return latent + value
-        return value.expand_as(latent).clone()
+        w = 1.0 if self.weights is None else self.weights[step]
+        if w == 1.0:
+            return value.expand_as(latent).clone()
+        return latent + w * (value - latent)
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,8 @@ class Inversion:
     trajectory: z_0 .. z_T, each (1, 4, h, w) float32, index = inversion step.
     settings: the method's settings as a dict (run.json, inversion-file metadata).
     losses: the optimisation loss per denoising step and inner iteration (null-text).
+    partner: (1, 4, h, w) EDICT's second latent of the pair at z_T, in the method's dtype (float64
+        by default; the trajectory then is float64 too).
     """
 
     method: str
@@ -128,6 +144,7 @@ class Inversion:
     settings: Mapping[str, Any] = field(default_factory=dict)
     cost: InversionCost = InversionCost()
     losses: tuple[tuple[float, ...], ...] | None = None
+    partner: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.steps
@@ -142,6 +159,12 @@ class Inversion:
     @property
     def steps(self) -> int:
         return len(self.trajectory) - 1
+
+    @property
+    def grid_steps(self) -> int:
+        """The number of steps of the grid it was made on: its own length, or, for EDICT, which
+        walks part of its grid, the grid's (recorded in its settings as "steps")."""
+        return int(self.settings.get("steps", self.steps))
 
     @property
     def z0(self) -> Tensor:
@@ -159,7 +182,8 @@ class Inversion:
     @property
     def exact_source(self) -> bool:
         """True when the source branch is pinned to the trajectory at every step (DirectInversion)."""
-        return self.corrections is not None and self.corrections.role == "source"
+        c = self.corrections
+        return c is not None and c.role == "source" and c.pinned
 
     def pivot(self, step: int) -> Tensor:
         """The latent denoising step `step` should start from: L[-1-step]."""
@@ -168,7 +192,8 @@ class Inversion:
     def state_tensors(self) -> dict[str, Tensor]:
         """The per-step state as stacked float32 tensors, by inversion-file key.
 
-        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction;
+        null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction
+        (target_offsets for the target's, DirectInversion's add-target / add-source ablations);
         value_scale, value_shift (steps, 1, 77, C) for a value modulation. A pivot correction is
         the trajectory itself and is not stored again.
         """
@@ -177,6 +202,8 @@ class Inversion:
             out["null_embeddings"] = torch.stack([u.detach().float().cpu() for u in self.null_embeddings])
         if self.corrections is not None and self.corrections.kind == "offset":
             out["offsets"] = torch.stack([d.detach().float().cpu() for d in self.corrections.values])
+        if self.corrections is not None and "target" in self.corrections.others:
+            out["target_offsets"] = torch.stack([d.detach().float().cpu() for d in self.corrections.others["target"]])
         if self.values is not None:
             out["value_scale"] = torch.stack([a.detach().float().cpu() for a in self.values.scale])
             out["value_shift"] = torch.stack([b.detach().float().cpu() for b in self.values.shift])

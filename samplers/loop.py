@@ -13,7 +13,8 @@ Per step i (timestep t = schedule.timesteps[i]):
      cond rows it names
   4. guidance over each stepped role's uncond/cond rows (samplers/guidance.py)
   5. ddim_step of every stepped role
-  6. inversion.corrections on its role (DirectInversion: source rows only)
+  6. inversion.corrections on its role (DirectInversion: source rows only; its ablations may
+     add offsets to other roles too)
   7. latents = controller.end_step(ctx, latents) for each controller in turn (LocalBlend)
 Null-text / negative-prompt inversion: the uncond rows (of every role unless the inversion names
 `null_roles`, as the reference does) take inversion.null_embeddings[i] instead of their own.
@@ -210,6 +211,10 @@ def denoise(
         if corrections is not None:
             k = correct_row
             latents[k : k + 1] = corrections.apply(i, latents[k : k + 1])
+            for role, offsets in corrections.others.items():  # DirectInversion's add-target ablations
+                if role in roles:
+                    r = roles.index(role)
+                    latents[r : r + 1] += offsets[i].to(latents)
         for controller in controllers:
             latents = controller.end_step(ctx, latents)
     return Denoised(latents=latents, roles=roles, unet_calls=calls, unet_rows=calls * len(layout))

@@ -18,6 +18,8 @@
 - `frozen_weights(module)`: a block in which no parameter requires grad, for the methods that
   take gradients through the UNet (null-text inversion and the other optimisations): autograd
   then builds input gradients only, never weight gradients.
+- `unet_dtype(sd, dtype)`: a block in which the UNet computes in another floating type (EDICT runs
+  it in float64, as its reference does); its weights are converted back exactly afterwards.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def v_to_noise(v: Tensor, x: Tensor, alpha_bar: Tensor) -> Tensor:
     """eps = sqrt(abar) v + sqrt(1 - abar) x for a sample x at noise level abar (float32 0-d).
 
     Written as diffusers' DDIMScheduler writes its `pred_epsilon`, so the two round alike."""
-    alpha_bar = alpha_bar.to(x.device, torch.float32)
+    alpha_bar = alpha_bar.to(x.device, torch.promote_types(x.dtype, torch.float32))
     return alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x
 
 
@@ -46,7 +48,7 @@ def predict_noise(
     sd: StableDiffusion, x: Tensor, t: int, context: Tensor, ctx: AttnContext | None = None,
     *, alpha_bar: Tensor | None = None,
 ) -> Tensor:
-    """eps(x, t, context) as float32; x (B, 4, h, w), context (B, 77, C) or (1, 77, C).
+    """eps(x, t, context) as float32 (float64 from a float64 UNet); x (B, 4, h, w), context (B, 77, C) or (1, 77, C).
 
     A single latent is repeated to the context's batch as a real copy per row, not a stride-0 view:
     convolutions then round exactly as they do on the editing loop's batch, which keeps
@@ -63,10 +65,11 @@ def predict_noise(
     elif context.shape[0] == 1 and x.shape[0] > 1:
         context = context.expand(x.shape[0], *context.shape[1:])
     timestep = torch.tensor(t, device=x.device)
-    out = sd.unet(x.to(dtype), timestep, context.to(dtype), ctx).float()
+    out = sd.unet(x.to(dtype), timestep, context.to(dtype), ctx)
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
     if sd.config.unet.prediction_type == "epsilon":
         return out
-    return v_to_noise(out, x.float(), alphas_cumprod()[t] if alpha_bar is None else alpha_bar)
+    return v_to_noise(out, x.to(out.dtype), alphas_cumprod()[t] if alpha_bar is None else alpha_bar)
 
 
 def predict_inversion_noise(sd: StableDiffusion, z: Tensor, t: int, context: Tensor, schedule: Schedule) -> Tensor:
@@ -102,3 +105,20 @@ def frozen_weights(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def unet_dtype(sd: StableDiffusion, dtype: torch.dtype) -> Iterator[None]:
+    """The UNet's parameters and buffers in `dtype` inside the block, in their own dtype after.
+
+    Widening (fp16/fp32 -> fp64) and narrowing back are exact, so the model the rest of a run sees
+    is bit for bit the one it had; converting in place costs no second copy of the weights."""
+    own = sd.dtype
+    if dtype == own:
+        yield
+        return
+    sd.unet.to(dtype)
+    try:
+        yield
+    finally:
+        sd.unet.to(own)

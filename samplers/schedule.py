@@ -23,10 +23,12 @@ BETA_END = 0.012
 
 
 def alphas_cumprod(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """(num_train_timesteps,) float32 alpha-bar of the scaled_linear schedule."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    """(num_train_timesteps,) alpha-bar of the scaled_linear schedule, float32 as diffusers computes it
+    (float64 for EDICT, whose bundled scheduler computes its betas in numpy float64)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=dtype) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -61,8 +63,9 @@ class Schedule:
 
     @classmethod
     def edict(cls, steps: int = 50) -> "Schedule":
-        """EDICT's grid (980, 960, ..., 0): its bundled scheduler uses no steps_offset."""
-        return cls(steps=steps, offset=0)
+        """EDICT's grid (980, 960, ..., 0) and alpha-bars: its bundled scheduler uses no steps_offset
+        and float64 betas."""
+        return cls(steps=steps, offset=0, alphas_cumprod=alphas_cumprod(dtype=torch.float64))
 
     @property
     def step_ratio(self) -> int:

@@ -20,11 +20,16 @@ def describe(method, kind: str) -> list[str]:  # InversionMethod | EditMethod
              for a in method.aliases]
     if names:
         lines.append(f"      also: {', '.join(names)}")
+    if kind == "inversion" and method.edits is not None:
+        lines.append(f"      with editing methods: {', '.join(method.edits)}")
     if kind == "edit" and method.inversions is not None:
         lines.append(f"      with inversions: {', '.join(method.inversions)}")
     if kind == "edit" and method.pairs:
         for pair in method.pairs:
             inversion = f" with --inversion {pair.inversion}" if pair.inversion else ""
+            if pair.pattern:  # the settings are a function of the match
+                lines.append(f"      names matching {pair.name} mean this method{inversion}")
+                continue
             implied = "".join(f", {k}={v}" for k, v in pair.settings.items())
             lines.append(f"      {pair.name} means this method{inversion}{implied}")
     for f in setting_fields(method.settings):
