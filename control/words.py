@@ -185,7 +185,7 @@ def cross_replace_schedule(
     fill(spec["default_"], slice(None))
     for word, bounds in spec.items():
         if word != "default_":
-            fill(bounds, require_word(tokenizer, target, word, "cross-replace"))
+            fill(bounds, require_word(tokenizer, target, word, "--cross-word"))
     return alpha
 
 
@@ -193,5 +193,5 @@ def equalizer(tokenizer: Tokenizer, target: str, weights: Mapping[str, float]) -
     """(77,) ones, with the target's token columns of each word scaled by its weight ("Reweight")."""
     eq = torch.ones(MAX_LENGTH)
     for word, value in weights.items():
-        eq[require_word(tokenizer, target, word, "reweight")] = float(value)
+        eq[require_word(tokenizer, target, word, "--reweight")] = float(value)
     return eq
