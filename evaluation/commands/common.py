@@ -4,7 +4,6 @@ run options, the model, the input image and the run.json sections describing the
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from evaluation.api import InversionSpec
 from evaluation.images import DEFAULT_MAX_PIXELS, file_info, load_image, parse_size
 from evaluation.memory import check_memory
 from evaluation.options import build_settings, refuse_foreign_options
+from evaluation.outputs import make_parent
 from evaluation.registry import Registry
 from ldm.errors import UsageError
 from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, open_model
@@ -81,13 +81,7 @@ def check_output_file(path: str, suffix: str) -> Path:
         raise UsageError(f"output {p}: expected a {suffix} file name")
     if p.is_dir():
         raise UsageError(f"output {p} is a directory; expected a {suffix} file name")
-    parent = p.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write the output {p}: {err.strerror or err}") from None
-    if not (parent.is_dir() and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write the output {p}: its folder is not writable")
+    make_parent(p)
     return p
 
 
