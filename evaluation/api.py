@@ -42,11 +42,13 @@ from samplers.settings import Settings
 MAX_STEPS = 1000
 
 
-def _check_run(steps: int, guidance: float) -> None:
+def _check_run(steps: int, guidance: float, seed: int) -> None:
     if not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"--steps {steps}: expected 1..{MAX_STEPS}")
     if not np.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: expected a finite number")
+    if not 0 <= seed < 2**64:  # what a torch generator takes
+        raise UsageError(f"--seed {seed}: expected 0..2^64-1")
 
 
 def _check_settings_type(method: InversionMethod | EditMethod, settings: Settings) -> None:
@@ -67,7 +69,7 @@ class InversionSpec:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check_run(self.steps, self.guidance)
+        _check_run(self.steps, self.guidance, self.seed)
         _check_settings_type(self.method, self.settings)
 
 
@@ -87,7 +89,7 @@ class EditSpec:
     allow_idle: bool = False  # run settings under which the method touches nothing (control.method.refuse_idle)
 
     def __post_init__(self) -> None:
-        _check_run(self.steps, self.guidance)
+        _check_run(self.steps, self.guidance, self.seed)
         _check_settings_type(self.inversion, self.inversion_settings)
         _check_settings_type(self.method, self.method_settings)
         if not self.prompts.target:  # an edit needs a prompt to edit towards

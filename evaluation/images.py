@@ -43,13 +43,13 @@ def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
         try:
             values = [int(p) for p in parts]
         except ValueError:
-            raise ImageError(f"image size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512") from None
+            raise ImageError(f"--size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512") from None
         if len(values) not in (1, 2):
-            raise ImageError(f"image size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512")
+            raise ImageError(f"--size {text!r}: expected N or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512")
         size = (values[0], values[-1])
     for v in size:
         if v <= 0 or v % MULTIPLE:
-            raise ImageError(f"image size {size[0]}x{size[1]}: width and height must be positive multiples of {MULTIPLE}")
+            raise ImageError(f"--size {size[0]}x{size[1]}: width and height must be positive multiples of {MULTIPLE}")
     return size
 
 

@@ -70,6 +70,7 @@ def refused(argv: list[str], capfd, tmp_path: Path, *needles: str) -> str:
     (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--steps", "5000"], "--steps"),
     (["--size", "0"], "size"), (["--size", "100"], "size"), (["--size", "-64"], "size"),
     (["--max-pixels", "0"], "--max-pixels"), (["--reweight", "dog=nan"], "--reweight"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed"),
 ])
 def test_numbers_out_of_range_are_refused_naming_the_option(extra, needle, photo, tmp_path, capfd):
     refused(edit_argv(photo, tmp_path / "out", *extra), capfd, tmp_path, needle)
