@@ -66,11 +66,11 @@ def plan_masactrl(facts: ModelFacts, prompts: EditPrompts, settings: MasaCtrlSet
     texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
              Row("source", "cond"): source, Row("target", "cond"): prompts.target}
     if settings.start_step >= sampling.steps:
-        refuse_idle(sampling, "masactrl", f"--masactrl-step {settings.start_step} starts at or after the run's last step "
-                                f"(steps 0..{sampling.steps - 1})")
+        refuse_idle(sampling, "masactrl", f"--masactrl-step {settings.start_step} starts at or after the run's "
+                    f"last step (steps 0..{sampling.steps - 1})")
     if not any(s.kind == "self" and s.index >= settings.start_layer for s in facts.attn_sites):
-        refuse_idle(sampling, "masactrl", f"--masactrl-layer {settings.start_layer} is beyond the model's transformer blocks "
-                                f"({site_range(facts.attn_sites, 'index', 'self')})")
+        refuse_idle(sampling, "masactrl", f"--masactrl-layer {settings.start_layer} is beyond the model's "
+                    f"transformer blocks ({site_range(facts.attn_sites, 'index', 'self')})")
     controller = MutualSelfAttention(settings.start_step, settings.start_layer)
     return EditPlan(BatchLayout.cfg(), texts, source, ClassifierFree(sampling.guidance), (controller,))
 

@@ -245,25 +245,28 @@ def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, set
     )
 
 
-def refuse_idle_p2p(facts: ModelFacts, p2p: PromptToPrompt, sampling: Sampling, method: str, cross_flag: str = "--cross",
-                    self_flag: str = "--self") -> None:
+def refuse_idle_p2p(facts: ModelFacts, p2p: PromptToPrompt, sampling: Sampling, method: str,
+                    flags: tuple[str, str] = ("--cross", "--self"), guided: bool = False) -> None:
     """Refuse a LocalBlend that can never blend, self replacement at a level the model does not
-    have, and windows that leave the controller nothing to do in any step (refuse_idle)."""
+    have, and windows that leave the controller nothing to do in any step (refuse_idle); `guided`:
+    the method changes the target otherwise too (proximal guidance), so empty windows are allowed."""
     sites, steps = facts.attn_sites, sampling.steps
     self_steps = any(i in p2p.self_window for i in range(steps))
     if self_steps and not any(p2p.self_rule.matches(s) for s in sites):
-        refuse_idle(sampling, method, f"--self-min-level {p2p.self_rule.min_level} is coarser than every self-attention level "
-                            f"of the model ({site_range(sites, 'level', 'self')})", "self-attention replacement")
+        refuse_idle(sampling, method, f"--self-min-level {p2p.self_rule.min_level} is coarser than every "
+                    f"self-attention level of the model ({site_range(sites, 'level', 'self')})",
+                    "self-attention replacement")
     blend = p2p.local_blend
     if blend is not None:
         if not any(blend.wants(s) for s in sites):
-            refuse_idle(sampling, method, f"--blend-level {blend.level}: LocalBlend reads cross-attention of down and up "
-                                f"blocks, at levels {site_range([s for s in sites if s.place != 'mid'], 'level', 'cross')}", "LocalBlend")
+            levels = site_range([s for s in sites if s.place != "mid"], "level", "cross")
+            refuse_idle(sampling, method, f"--blend-level {blend.level}: LocalBlend reads the cross-attention of "
+                        f"down and up blocks, at levels {levels}", "LocalBlend")
         if blend.start_step >= steps:
-            refuse_idle(sampling, method, f"LocalBlend starts at step {blend.start_step} (--blend-start), after the run's "
-                                f"last step {steps - 1}", "LocalBlend")
-    if not (self_steps or bool(p2p.cross_alpha[:steps].any()) or blend is not None):
-        refuse_idle(sampling, method, f"the {cross_flag} and {self_flag} windows hold no step of the {steps}")
+            refuse_idle(sampling, method, f"LocalBlend starts at step {blend.start_step} (--blend-start), after the "
+                        f"run's last step {steps - 1}", "LocalBlend")
+    if not (self_steps or bool(p2p.cross_alpha[:steps].any()) or blend is not None or guided):
+        refuse_idle(sampling, method, f"the {flags[0]} and {flags[1]} windows hold none of the {steps} steps")
 
 
 def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
@@ -276,7 +279,7 @@ def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
 def plan_p2p(facts: ModelFacts, prompts: EditPrompts, settings: P2PSettings, sampling: Sampling) -> EditPlan:
     """Rows [u_src, u_tgt, c_src, c_tgt] with texts ["", "", source, target]; invert with the source."""
     controller = make_p2p(facts.tokenizer, prompts.source, prompts.target, sampling.steps, settings)
-    refuse_idle_p2p(facts, controller, sampling, "p2p")
+    refuse_idle_p2p(facts, controller, sampling, "p2p", guided=settings.prox is not None)
     texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
              Row("source", "cond"): prompts.source, Row("target", "cond"): prompts.target}
     return EditPlan(BatchLayout.cfg(), texts, prompts.source, guidance_of(settings, sampling.guidance), (controller,))

@@ -112,8 +112,8 @@ def plan_pnp(facts: ModelFacts, prompts: EditPrompts, settings: PnPSettings, sam
     controller = PlugAndPlay(list(facts.attn_sites), list(facts.res_sites), sampling.steps, settings.features,
                              settings.attention)
     if not (controller.qk_window.end > 0 or controller.feature_window.end > 0):
-        refuse_idle(sampling, "pnp", f"--pnp-features {settings.features:g} and --pnp-attention {settings.attention:g} "
-                           f"inject in no step of {sampling.steps}")
+        refuse_idle(sampling, "pnp", f"--pnp-features {settings.features:g} and --pnp-attention "
+                    f"{settings.attention:g} inject in none of the {sampling.steps} steps")
     texts = {Row("reference", "cond"): "", Row("target", "uncond"): settings.negative_prompt,
              Row("target", "cond"): prompts.target}
 

@@ -108,7 +108,7 @@ def plan_stylediffusion_p2p(facts: ModelFacts, prompts: EditPrompts, settings: S
         controllers = (UncondSelfReplace(window, p2p), p2p)
     until = {"source": steps, "target": modulated_steps(settings.value, steps)}
     if until["target"] == 0 and len(controllers) == 1:  # the target row reads nothing learned: P2P must act
-        refuse_idle_p2p(facts, p2p, sampling, "stylediffusion-p2p", "--sd-cross", "--sd-self")
+        refuse_idle_p2p(facts, p2p, sampling, "stylediffusion-p2p", ("--sd-cross", "--sd-self"))
 
     def prepare(sd: StableDiffusion, inversion: Inversion, embeddings: Mapping[str, Tensor], progress: bool) -> Inversion:
         if inversion.values is None:

@@ -76,8 +76,8 @@ def _open_image(path: Path, max_pixels: int) -> Iterator[Image.Image]:
     with img:
         width, height = img.size
         if width * height > max_pixels:
-            raise ImageError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the limit "
-                             f"of {max_pixels / 1e6:.0f} megapixels (a decompression bomb?); raise it with --max-pixels")
+            raise ImageError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
+                             f"limit of {max_pixels / 1e6:.0f} (a decompression bomb?); raise it with --max-pixels")
         yield img
 
 
@@ -144,7 +144,8 @@ def check_image(image: np.ndarray) -> None:
                          "(load it with load_image(path, size))")
 
 
-def file_info(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, orient: bool = True) -> dict[str, object]:
+def file_info(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+              orient: bool = True) -> dict[str, object]:
     """What run.json records of an input image: path, size as stored, SHA-256 of the file, its EXIF
     orientation tag and whether it was applied."""
     p = Path(path)
