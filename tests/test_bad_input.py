@@ -106,6 +106,9 @@ def test_an_ablation_can_still_ask_for_the_idle_method_through_the_api():
                                 allow_idle=True)
     assert plan_edit(model_facts("tiny-random"), spec).controllers
     assert spec.as_dict()["allow_idle"] is True  # said in run.json
+    # proximal guidance changes the target by itself: empty attention windows leave it an edit
+    prox = Registry().edit_spec(method="p2p", source="a cat", target="a dog", steps=2, prox="l0", cross=0.0, self_=0.0)
+    assert plan_edit(model_facts("tiny-random"), prox).controllers
 
 
 def huge_png(path: Path, width: int, height: int) -> Path:
