@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from control.base import ControllerBase
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Sampling, refuse_idle, site_range
 from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, Row, RunInfo
 from ldm.model import ModelFacts
@@ -65,6 +65,12 @@ def plan_masactrl(facts: ModelFacts, prompts: EditPrompts, settings: MasaCtrlSet
     source = prompts.source if settings.source_prompt else ""
     texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
              Row("source", "cond"): source, Row("target", "cond"): prompts.target}
+    if settings.start_step >= sampling.steps:
+        refuse_idle(sampling, "masactrl", f"--masactrl-step {settings.start_step} starts at or after the run's "
+                    f"last step (steps 0..{sampling.steps - 1})")
+    if not any(s.kind == "self" and s.index >= settings.start_layer for s in facts.attn_sites):
+        refuse_idle(sampling, "masactrl", f"--masactrl-layer {settings.start_layer} is beyond the model's "
+                    f"transformer blocks ({site_range(facts.attn_sites, 'index', 'self')})")
     controller = MutualSelfAttention(settings.start_step, settings.start_layer)
     return EditPlan(BatchLayout.cfg(), texts, source, ClassifierFree(sampling.guidance), (controller,))
 

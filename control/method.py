@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from torch import Tensor
 
-from ldm.context import BatchLayout, Controller, Row
+from ldm.context import AttnSite, BatchLayout, Controller, Row
+from ldm.errors import UsageError
 from ldm.model import ModelFacts, StableDiffusion
 from samplers.guidance import Guidance
 from samplers.inversion import Inversion
@@ -44,6 +45,7 @@ class Sampling:
 
     steps: int = 50
     guidance: float = 7.5
+    allow_idle: bool = False  # let settings that idle the method run (an ablation's baseline); see refuse_idle
 
 
 # prepare(sd, inversion, embeddings by prompt text, progress) -> the inversion the loop should read
@@ -78,6 +80,25 @@ class EditPlan:
         missing = [row for row in self.layout.rows if row not in self.prompts]
         if missing:
             raise ValueError(f"the plan gives no prompt for rows {missing} of {self.layout}")
+
+
+def refuse_idle(sampling: Sampling, method: str, why: str, part: str = "") -> None:
+    """A plan's refusal of settings under which its method (or the named `part` of it) would touch
+    nothing: the run would quietly be the edit without that control (`--control none` is the
+    documented way to ask for no attention control) while its output and run.json name this
+    method. `why` names the option(s) at fault. An API caller that wants exactly that run (the
+    idle baseline of an ablation) says so with `allow_idle` (EditSpec), which run.json records."""
+    if sampling.allow_idle:
+        return
+    what = f"its {part}" if part else "it"
+    raise UsageError(f"--control {method}: {why}, so {what} would edit nothing "
+                     "(for an edit without attention control, use --control none)")
+
+
+def site_range(sites: Iterable[AttnSite], attr: str, kind: str | None = None) -> str:
+    """"LO..HI" of a site attribute (index, level) over the model's sites of a kind, for messages."""
+    values = [getattr(s, attr) for s in sites if kind is None or s.kind == kind]
+    return f"{min(values)}..{max(values)}" if values else "none"
 
 
 PlanFn = Callable[[ModelFacts, EditPrompts, Settings, Sampling], EditPlan]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from control.base import ControllerBase, SiteRule, StepWindow, attention_probs, parse_window, replace_rows
 from control.local_blend import LocalBlend
-from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling, refuse_idle, site_range
 from control.words import (
     Bounds,
     cross_replace_schedule,
@@ -220,20 +220,20 @@ def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, set
         edit: CrossEdit = AttentionReplace(replacement_mapper(tokenizer, source, target))
     else:
         edit = AttentionRefine(*refinement_mapper(tokenizer, source, target))
+    blend = None
+    if settings.blend is not None:  # its words first: a missing one is named as the blend word it is
+        cols = []
+        for prompt, word, which in ((source, settings.blend[0], "source"), (target, settings.blend[1], "target")):
+            c = torch.zeros(MAX_LENGTH)
+            c[require_word(tokenizer, prompt, word, f"--blend {which}")] = 1.0
+            cols.append(c)
+        blend = LocalBlend(cols[0], cols[1], int(settings.blend_start * num_steps), settings.blend_threshold,
+                           settings.blend_level)
     weights = settings.reweight
     if weights is None and settings.blend is not None:
         weights = {settings.blend[1]: 2.0}
     if weights:
         edit = AttentionReweight(equalizer(tokenizer, target, weights), edit)
-    blend = None
-    if settings.blend is not None:
-        cols = []
-        for prompt, word, which in ((source, settings.blend[0], "source"), (target, settings.blend[1], "target")):
-            c = torch.zeros(MAX_LENGTH)
-            c[require_word(tokenizer, prompt, word, f"blend ({which} prompt)")] = 1.0
-            cols.append(c)
-        blend = LocalBlend(cols[0], cols[1], int(settings.blend_start * num_steps), settings.blend_threshold,
-                           settings.blend_level)
     cross: Bounds | dict[str, Bounds] = settings.cross
     if settings.cross_words:
         cross = {"default_": settings.cross, **settings.cross_words}
@@ -246,6 +246,30 @@ def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, set
     )
 
 
+def refuse_idle_p2p(facts: ModelFacts, p2p: PromptToPrompt, sampling: Sampling, method: str,
+                    flags: tuple[str, str] = ("--cross", "--self"), guided: bool = False) -> None:
+    """Refuse a LocalBlend that can never blend, self replacement at a level the model does not
+    have, and windows that leave the controller nothing to do in any step (refuse_idle); `guided`:
+    the method changes the target otherwise too (proximal guidance), so empty windows are allowed."""
+    sites, steps = facts.attn_sites, sampling.steps
+    self_steps = any(i in p2p.self_window for i in range(steps))
+    if self_steps and not any(p2p.self_rule.matches(s) for s in sites):
+        refuse_idle(sampling, method, f"--self-min-level {p2p.self_rule.min_level} is coarser than every "
+                    f"self-attention level of the model ({site_range(sites, 'level', 'self')})",
+                    "self-attention replacement")
+    blend = p2p.local_blend
+    if blend is not None:
+        if not any(blend.wants(s) for s in sites):
+            levels = site_range([s for s in sites if s.place != "mid"], "level", "cross")
+            refuse_idle(sampling, method, f"--blend-level {blend.level}: LocalBlend reads the cross-attention of "
+                        f"down and up blocks, at levels {levels}", "LocalBlend")
+        if blend.start_step >= steps:
+            refuse_idle(sampling, method, f"LocalBlend starts at step {blend.start_step} (--blend-start), after the "
+                        f"run's last step {steps - 1}", "LocalBlend")
+    if not (self_steps or bool(p2p.cross_alpha[:steps].any()) or blend is not None or guided):
+        refuse_idle(sampling, method, f"the {flags[0]} and {flags[1]} windows hold none of the {steps} steps")
+
+
 def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
     """Plain CFG, or ProxEdit's proximal guidance when --prox is given."""
     if settings.prox is None:
@@ -256,6 +280,7 @@ def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
 def plan_p2p(facts: ModelFacts, prompts: EditPrompts, settings: P2PSettings, sampling: Sampling) -> EditPlan:
     """Rows [u_src, u_tgt, c_src, c_tgt] with texts ["", "", source, target]; invert with the source."""
     controller = make_p2p(facts.tokenizer, prompts.source, prompts.target, sampling.steps, settings)
+    refuse_idle_p2p(facts, controller, sampling, "p2p", guided=settings.prox is not None)
     texts = {Row("source", "uncond"): "", Row("target", "uncond"): "",
              Row("source", "cond"): prompts.source, Row("target", "cond"): prompts.target}
     return EditPlan(BatchLayout.cfg(), texts, prompts.source, guidance_of(settings, sampling.guidance), (controller,))

@@ -24,7 +24,7 @@ from typing import Mapping
 from torch import Tensor
 
 from control.base import ControllerBase, StepWindow, replace_rows
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling
+from control.method import EditMethod, EditPlan, EditPrompts, Sampling, refuse_idle
 from control.record import TrajectoryRecorder
 from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, ResSite, Row, RunInfo
@@ -111,6 +111,9 @@ def plan_pnp(facts: ModelFacts, prompts: EditPrompts, settings: PnPSettings, sam
     """Rows [reference/cond, target/uncond, target/cond] with texts ["", negative prompt, target]."""
     controller = PlugAndPlay(list(facts.attn_sites), list(facts.res_sites), sampling.steps, settings.features,
                              settings.attention)
+    if not (controller.qk_window.end > 0 or controller.feature_window.end > 0):
+        refuse_idle(sampling, "pnp", f"--pnp-features {settings.features:g} and --pnp-attention "
+                    f"{settings.attention:g} inject in none of the {sampling.steps} steps")
     texts = {Row("reference", "cond"): "", Row("target", "uncond"): settings.negative_prompt,
              Row("target", "cond"): prompts.target}
 

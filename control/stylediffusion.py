@@ -22,7 +22,7 @@ from torch import Tensor
 
 from control.base import ControllerBase, StepWindow, parse_window
 from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling
-from control.p2p import P2PSettings, PromptToPrompt, make_p2p, parse_blend
+from control.p2p import P2PSettings, PromptToPrompt, make_p2p, parse_blend, refuse_idle_p2p
 from control.words import Bounds
 from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, Row, RunInfo
@@ -107,6 +107,8 @@ def plan_stylediffusion_p2p(facts: ModelFacts, prompts: EditPrompts, settings: S
     if window.end > window.start:
         controllers = (UncondSelfReplace(window, p2p), p2p)
     until = {"source": steps, "target": modulated_steps(settings.value, steps)}
+    if until["target"] == 0 and len(controllers) == 1:  # the target row reads nothing learned: P2P must act
+        refuse_idle_p2p(facts, p2p, sampling, "stylediffusion-p2p", ("--sd-cross", "--sd-self"))
 
     def prepare(sd: StableDiffusion, inversion: Inversion, embeddings: Mapping[str, Tensor], progress: bool) -> Inversion:
         if inversion.values is None:

@@ -49,25 +49,27 @@ def token_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def word_positions(tokenizer: Tokenizer, prompt: str, word: str | int) -> list[int]:
     """Token positions of a word (every occurrence) or of the word at a given word index.
 
-    The reference walk: decode every content token on its own, give it to the current word, and
-    move to the next word once the decoded characters cover the word's length.
+    Each word owns the tokens the tokenizer makes of it alone: CLIP splits text at whitespace
+    before byte-pair encoding, so the prompt's tokens are its words' tokens one after another. The
+    reference instead decodes every token on its own and counts characters, which miscounts the
+    byte tokens of accented and non-Latin characters (in "a Straße cat" it gives `cat` two
+    tokens); for plain ASCII words both give the same positions.
     """
     prompt = normalize(prompt)
     words = prompt.split(" ")
     wanted = [i for i, w in enumerate(words) if w == word] if isinstance(word, str) else [word]
     if not wanted:
         return []
-    pieces = [tokenizer.decode_token(t).strip("#") for t in token_ids(tokenizer, prompt)[1:-1]]
+    ids = token_ids(tokenizer, prompt)[1:-1]
+    per_word = [tokenizer.content_ids(w) for w in words]
+    if [t for w in per_word for t in w] != ids:  # a tokenizer that merges across spaces
+        raise PromptError(f"cannot align the tokens of {prompt!r} with its words")
     out: list[int] = []
-    covered, ptr = 0, 0
-    for t, piece in enumerate(pieces):
-        if ptr >= len(words):
-            raise PromptError(f"cannot align the tokens of {prompt!r} with its words (unusual characters?)")
-        covered += len(piece)
-        if ptr in wanted:
-            out.append(t + 1)  # +1: position 0 is BOS
-        if covered >= len(words[ptr]):
-            ptr, covered = ptr + 1, 0
+    start = 1  # position 0 is BOS
+    for k, tokens in enumerate(per_word):
+        if k in wanted:
+            out.extend(range(start, start + len(tokens)))
+        start += len(tokens)
     return out
 
 
@@ -183,7 +185,7 @@ def cross_replace_schedule(
     fill(spec["default_"], slice(None))
     for word, bounds in spec.items():
         if word != "default_":
-            fill(bounds, require_word(tokenizer, target, word, "cross-replace"))
+            fill(bounds, require_word(tokenizer, target, word, "--cross-word"))
     return alpha
 
 
@@ -191,5 +193,5 @@ def equalizer(tokenizer: Tokenizer, target: str, weights: Mapping[str, float]) -
     """(77,) ones, with the target's token columns of each word scaled by its weight ("Reweight")."""
     eq = torch.ones(MAX_LENGTH)
     for word, value in weights.items():
-        eq[require_word(tokenizer, target, word, "reweight")] = float(value)
+        eq[require_word(tokenizer, target, word, "--reweight")] = float(value)
     return eq

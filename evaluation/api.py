@@ -32,7 +32,7 @@ from evaluation.images import check_image, decode, encode, to_tensor
 from evaluation.timing import StageTimer
 from inversion.method import InversionMethod, InversionTask
 from ldm.context import BatchLayout, Row
-from ldm.errors import UsageError
+from ldm.errors import PromptError, UsageError
 from ldm.model import StableDiffusion
 from samplers.inversion import Inversion
 from samplers.loop import denoise
@@ -42,11 +42,13 @@ from samplers.settings import Settings
 MAX_STEPS = 1000
 
 
-def _check_run(steps: int, guidance: float) -> None:
+def _check_run(steps: int, guidance: float, seed: int) -> None:
     if not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"--steps {steps}: expected 1..{MAX_STEPS}")
     if not np.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: expected a finite number")
+    if not 0 <= seed < 2**64:  # what a torch generator takes
+        raise UsageError(f"--seed {seed}: expected 0..2^64-1")
 
 
 def _check_settings_type(method: InversionMethod | EditMethod, settings: Settings) -> None:
@@ -67,7 +69,7 @@ class InversionSpec:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check_run(self.steps, self.guidance)
+        _check_run(self.steps, self.guidance, self.seed)
         _check_settings_type(self.method, self.settings)
 
 
@@ -84,11 +86,14 @@ class EditSpec:
     steps: int = 50
     guidance: float = 7.5
     seed: int = 1234
+    allow_idle: bool = False  # run settings under which the method touches nothing (control.method.refuse_idle)
 
     def __post_init__(self) -> None:
-        _check_run(self.steps, self.guidance)
+        _check_run(self.steps, self.guidance, self.seed)
         _check_settings_type(self.inversion, self.inversion_settings)
         _check_settings_type(self.method, self.method_settings)
+        if not self.prompts.target:  # an edit needs a prompt to edit towards
+            raise PromptError(f"--target {self.target!r} is blank: give the prompt describing the edit")
         if self.method.inversions is not None and self.inversion.name not in self.method.inversions:
             raise UsageError(f"--control {self.method.name} works with --inversion "
                              f"{' or '.join(self.method.inversions)}, not {self.inversion.name}")
@@ -103,7 +108,7 @@ class EditSpec:
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.steps, self.guidance)
+        return Sampling(self.steps, self.guidance, self.allow_idle)
 
     @property
     def name(self) -> str:
@@ -119,6 +124,7 @@ class EditSpec:
             "inversion": self.inversion.name, "inversion_settings": self.inversion_settings.as_dict(),
             "method": self.method.name, "method_settings": self.method_settings.as_dict(),
             "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
+            **({"allow_idle": True} if self.allow_idle else {}),  # said loudly, where it was asked for
         }
 
     def inversion_spec(self, plan: EditPlan) -> InversionSpec:

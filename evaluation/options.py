@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from evaluation.images import DEFAULT_MAX_PIXELS
 from evaluation.registry import Choice, Registry, settings_of
 from ldm.errors import UsageError
 from ldm.model import DTYPES
@@ -126,6 +127,12 @@ def add_run_options(p: argparse.ArgumentParser, *, output: str = "output directo
     group.add_argument("--size", default="512",
                        help="image size N or WIDTHxHEIGHT in pixels, multiples of 64; the photo is center-cropped "
                             "to its aspect ratio and resized (default: 512)")
+    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                       help="refuse input images with more pixels than this, e.g. decompression bombs "
+                            f"(default: {DEFAULT_MAX_PIXELS}, PIL's limit)")
+    group.add_argument("--ignore-orientation", action="store_true",
+                       help="read the photo's pixels as stored, ignoring its EXIF orientation tag (the reference's "
+                            "behaviour; by default a photo taken sideways is turned upright)")
     group.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                        help="model dtype (default: the dtype the weights are stored in)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

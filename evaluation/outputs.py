@@ -37,6 +37,22 @@ from ldm.files import write_json
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def make_parent(path: Path) -> Path:
+    """The folder an output goes into, created; a one-line error when a file stands where a folder
+    is needed or the folder cannot be created or written."""
+    parent = path.absolute().parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot write the output {path}: {blocker} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write the output {path}: {err.strerror or err}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the output {path}: its folder {parent} is not writable")
+    return parent
+
+
 class RunDirectory:
     """The output folder of one command run, written as a whole (see the module docstring)."""
 
@@ -44,9 +60,8 @@ class RunDirectory:
         self.final = Path(path)
         if self.final.exists() and not self.final.is_dir():
             raise UsageError(f"output {self.final} exists and is not a directory")
-        parent = self.final.absolute().parent
+        parent = make_parent(self.final)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
             self.staging = parent / f".{self.final.name}.partial-{secrets.token_hex(4)}"
             self.staging.mkdir()
         except OSError as err:

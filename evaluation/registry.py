@@ -145,16 +145,17 @@ class Registry:
         return PairChoice(self.inversion(inversion or "direct"), self.edit(edit or "p2p"))
 
     def edit_spec(self, name: str | None = None, *, source: str, target: str, inversion: str | None = None,
-                  method: str | None = None, **values: Any) -> EditSpec:
+                  method: str | None = None, allow_idle: bool = False, **values: Any) -> EditSpec:
         """An EditSpec from names: `name` is a pair ("directinversion+p2p") or use `inversion` and
-        `method`; `values` sets any setting of either method by field name, or steps/guidance/seed."""
+        `method`; `values` sets any setting of either method by field name, or steps/guidance/seed.
+        allow_idle: run settings under which the method touches nothing (an ablation's baseline)."""
         choice = self.choose(name, inversion, method)
         inv_values, edit_values, run = split_values(choice, values)
         return EditSpec(
             source, target,
             choice.inversion.method, settings_of(choice.inversion, inv_values),
             choice.edit.method, settings_of(choice.edit, edit_values),
-            **{**choice.run, **run},
+            **{**choice.run, **run}, allow_idle=allow_idle,
         )
 
     def inversion_spec(self, name: str = "direct", *, prompt: str, **values: Any) -> InversionSpec:

@@ -174,7 +174,8 @@ class Tokenizer:
 
     def content_ids(self, prompt: str) -> list[int]:
         """BPE ids of the prompt without BOS/EOS."""
-        return self.hf(prompt, add_special_tokens=False).input_ids
+        # verbose=False: an over-long prompt is refused with our own line, not transformers' warning
+        return self.hf(prompt, add_special_tokens=False, verbose=False).input_ids
 
     def decode_token(self, token_id: int) -> str:
         """One token's text without the `</w>` end-of-word marker (for word alignment)."""

@@ -83,7 +83,8 @@ def test_each_method_changes_the_target_and_reports_its_sites(sd, image_path, co
     image = load_image(image_path, 128)
     result = edit(sd, image, REGISTRY.edit_spec(inversion=inversion, method=control, source=SRC, target=TGT, steps=6))
     edited = result.latents
-    idle_spec = REGISTRY.edit_spec(inversion=inversion, method=control, source=SRC, target=TGT, steps=6, **IDLE[control])
+    idle_spec = REGISTRY.edit_spec(inversion=inversion, method=control, source=SRC, target=TGT, steps=6,
+                                   allow_idle=True, **IDLE[control])
     idle = edit(sd, image, idle_spec).latents
     assert float((edited[1] - idle[1]).norm() / idle[1].norm()) > 1e-4
     assert torch.equal(edited[0], idle[0])  # the source branch is never edited

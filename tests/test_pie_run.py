@@ -85,7 +85,7 @@ def unshared(sd: StableDiffusion, item, method: str, steps: int, blend: bool):
 
 
 def test_the_shared_trajectory_run_equals_unshared_edits_with_the_reference_settings(root, sd, tmp_path):
-    steps, methods = 3, (*P2P_PAIR, MASACTRL)
+    steps, methods = 5, (*P2P_PAIR, MASACTRL)  # MasaCtrl starts at step 4
     items = load_dataset(root).items
     records = run_items(sd, Registry(), items, methods, tmp_path, RunSettings((SIZE, SIZE), values={"steps": steps}))
     assert files_below(tmp_path, methods) == expected_outputs(methods)
@@ -140,7 +140,7 @@ def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path):
     data = make_root(tmp_path / "data", entries)
     runs = tmp_path / "runs"
     argv = ["eval", "run", "--model", "tiny-random", "--data", str(data), "--methods", "ddim+p2p", MASACTRL,
-            "--types", "0", "--size", str(SIZE), "--steps", "2", "-o", str(runs), "--no-progress"]
+            "--types", "0", "--size", str(SIZE), "--steps", "5", "-o", str(runs), "--no-progress"]
     assert main(argv) == 1  # some job failed
     index = json.loads((runs / "index.json").read_text())
     failed = [e for e in index["entries"] if e["status"] == "failed"]
@@ -230,7 +230,7 @@ def test_two_torchrun_ranks_split_the_items_and_write_one_index(root, tmp_path):
     runs, methods = tmp_path / "runs", ("ddim+p2p", MASACTRL)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "cli.py",
            "eval", "run", "--model", "tiny-random", "--data", str(root), "--methods", *methods,
-           "--size", str(SIZE), "--steps", "2", "-o", str(runs), "--no-progress"]
+           "--size", str(SIZE), "--steps", "5", "-o", str(runs), "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in runs.iterdir() if p.is_file()] == ["index.json"]

@@ -71,7 +71,7 @@ def test_every_method_edits_the_target_on_the_tiny_sd2_model(sd, image, method, 
         torch.testing.assert_close(out[0], result.z0[0], rtol=0, atol=1e-5)  # the source reconstructs
     if method in IDLE:
         idle_spec = REGISTRY.edit_spec(inversion=inversion, method=method, source=SRC, target=TGT, steps=STEPS,
-                                       **extra, **IDLE[method])
+                                       allow_idle=True, **extra, **IDLE[method])
         idle = edit(sd, image, idle_spec, inversion=result.inversion).latents
         assert torch.equal(out[0], idle[0])  # the source branch is never edited
         assert float((out[1] - idle[1]).norm() / idle[1].norm()) > 1e-3, "the method changed nothing"

@@ -127,3 +127,33 @@ def test_equalizer_scales_the_target_word_columns(tok):
     expected = torch.ones(77)
     expected[[2, 3, 4]] = 2.0
     assert torch.equal(eq, expected)
+
+
+NON_ASCII = ["a Straße cat", "crème brûlée on a plate", "a café at night", "a Pokémon toy", "a 猫 cat",
+             "一只猫 on a sofa", "ÉCLAIR au café", "a naïve señor's piñata", "a cat, a dog."]
+
+
+def offsets_positions(tok, prompt: str) -> list[list[int]]:
+    """Each word's token positions from the tokenizer's own character offsets: a token belongs to
+    the word whose characters its offset starts in (position 0 is BOS)."""
+    offsets = tok.hf(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans, at = [], 0
+    for w in prompt.split(" "):
+        spans.append((at, at + len(w)))
+        at += len(w) + 1
+    return [[i + 1 for i, (s, _) in enumerate(offsets) if a <= s < b] for a, b in spans]
+
+
+@pytest.mark.parametrize("prompt", NON_ASCII)
+def test_accented_and_non_latin_words_get_the_tokens_the_tokenizer_offsets_give(tok, prompt):
+    expected = offsets_positions(tok, prompt)
+    assert all(expected)  # every word has tokens
+    assert [word_positions(tok, prompt, k) for k in range(len(expected))] == expected
+    for k, w in enumerate(prompt.split(" ")):  # by word: every occurrence
+        assert word_positions(tok, prompt, w) == [p for j, v in enumerate(prompt.split(" ")) if v == w
+                                                   for p in expected[j]]
+
+
+def test_a_word_after_a_sharp_s_is_not_shifted(tok):
+    # the reference's character count gives cat [5, 6]
+    assert word_positions(tok, "a Straße cat", "cat") == offsets_positions(tok, "a Straße cat")[2] == [6]

@@ -13,7 +13,9 @@ Nested `state_dict` wrappers are unwrapped and only tensor values are kept.
 
 from __future__ import annotations
 
+import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,20 +91,53 @@ def _load_safetensors(path: Path, keep: Callable[[str], bool]) -> dict[str, Tens
         raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
 
 
+def pickle_globals(path: Path, limit: int = 10_000) -> list[str]:
+    """The globals ("module.name") a plain pickle file imports, read from its opcodes without
+    unpickling anything (pickletools only parses), for naming what is refused."""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for n, (op, arg, _) in enumerate(pickletools.genops(f)):
+                if n > limit:
+                    break
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a malformed pickle: what was found so far
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _refuse_pickle(path: Path, needs: str) -> WeightsError:
+    return WeightsError(f"{path}: refusing to unpickle: the file needs {needs}, which is not tensor data; "
+                        "only weights are loaded from pickles (convert the file to safetensors with a tool you trust)")
+
+
 def _load_pickle(path: Path, zip_format: bool) -> Any:
     try:
-        with torch.serialization.safe_globals(STAND_INS):
+        with torch.serialization.safe_globals(STAND_INS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol warning: our one line says it all
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as err:  # torch raises several types; classified by message below
         text = str(err)
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"unrecognized function (\S+)", text)
         if found:
-            raise WeightsError(
-                f"{path}: refusing to unpickle: the file needs {found.group(1)}, which is not tensor data; "
-                "only weights are loaded from pickles (convert the file to safetensors with a tool you trust)"
-            ) from None
+            raise _refuse_pickle(path, found.group(1)) from None
         if "Unsupported" in text or "Can only" in text:
-            raise WeightsError(f"{path}: refusing to unpickle: {text.splitlines()[0]}") from None
+            # torch's message advises weights_only=False, which must never be done with an untrusted
+            # file: name the opcode or the globals instead
+            names = [] if zip_format else pickle_globals(path)
+            if names:
+                raise _refuse_pickle(path, ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+                                     + " (a plain pickle, not the format torch.save writes)") from None
+            what = re.search(r"Unsupported operand \d+|Can only [^\n.]*", text)
+            detail = what.group(0) if what else "an instruction the safe loader does not read"
+            raise WeightsError(f"{path}: refusing to unpickle: {detail}; only weights are loaded from pickles "
+                               "(convert the file to safetensors with a tool you trust)") from None
         reason = "truncated or corrupt PyTorch checkpoint" if zip_format else "not a readable PyTorch checkpoint"
         raise WeightsError(f"{path}: {reason} ({text.splitlines()[0] if text else type(err).__name__})") from None
 

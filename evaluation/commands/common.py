@@ -4,7 +4,6 @@ run options, the model, the input image and the run.json sections describing the
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,10 @@ import numpy as np
 import torch
 
 from evaluation.api import InversionSpec
-from evaluation.images import file_info, load_image, parse_size
+from evaluation.images import DEFAULT_MAX_PIXELS, file_info, load_image, parse_size
+from evaluation.memory import check_memory
 from evaluation.options import build_settings, refuse_foreign_options
+from evaluation.outputs import make_parent
 from evaluation.registry import Registry
 from ldm.errors import UsageError
 from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, open_model
@@ -26,6 +27,8 @@ class RunOptions:
     dtype: torch.dtype | None
     device: torch.device
     progress: bool
+    max_pixels: int = DEFAULT_MAX_PIXELS  # largest input image read (--max-pixels)
+    orient: bool = True  # apply the photo's EXIF orientation (--ignore-orientation: pixels as stored)
 
 
 def check_device(name: str) -> torch.device:
@@ -50,8 +53,11 @@ def check_run_options(args: argparse.Namespace) -> RunOptions:
         raise UsageError(f"--steps {args.steps}: expected 1..1000")
     if not np.isfinite(args.guidance):
         raise UsageError(f"--guidance {args.guidance}: expected a finite number")
-    return RunOptions(parse_size(args.size), DTYPES[args.dtype] if args.dtype else None, check_device(args.device),
-                      not args.no_progress)
+    if args.max_pixels < 1:
+        raise UsageError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
+    size, dtype, device = parse_size(args.size), DTYPES[args.dtype] if args.dtype else None, check_device(args.device)
+    check_memory(size, dtype, device)
+    return RunOptions(size, dtype, device, not args.no_progress, args.max_pixels, not args.ignore_orientation)
 
 
 def load_model(args: argparse.Namespace, run: RunOptions) -> StableDiffusion:
@@ -60,8 +66,8 @@ def load_model(args: argparse.Namespace, run: RunOptions) -> StableDiffusion:
 
 def read_image(path: str, run: RunOptions) -> tuple[np.ndarray, dict[str, Any]]:
     """The photo, cropped and resized for the run, and what run.json records of the file."""
-    image = load_image(path, run.size)
-    return image, {**file_info(path), "used_size": list(run.size)}
+    image = load_image(path, run.size, run.max_pixels, run.orient)
+    return image, {**file_info(path, run.max_pixels, run.orient), "used_size": list(run.size)}
 
 
 def model_section(args: argparse.Namespace, sd: StableDiffusion) -> dict[str, Any]:
@@ -75,13 +81,7 @@ def check_output_file(path: str, suffix: str) -> Path:
         raise UsageError(f"output {p}: expected a {suffix} file name")
     if p.is_dir():
         raise UsageError(f"output {p} is a directory; expected a {suffix} file name")
-    parent = p.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write the output {p}: {err.strerror or err}") from None
-    if not (parent.is_dir() and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write the output {p}: its folder is not writable")
+    make_parent(p)
     return p
 
 

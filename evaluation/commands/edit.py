@@ -150,8 +150,8 @@ def run(args: argparse.Namespace, registry: Registry) -> int:
                 target = result.prompts.target
                 words = [(w, word_positions(sd.tokenizer, target, i)) for i, w in enumerate(target.split(" "))]
                 write_edit(out, prefix, result, photo, words, args.save_latents)
-                edits.append({"folder": prefix or ".", "target": target, "timings_s": dict(result.timings),
-                              "metrics": metrics_of(result)})
+                edits.append({"folder": prefix or ".", "target": target, "words": words,  # token positions, BOS = 0
+                              "timings_s": dict(result.timings), "metrics": metrics_of(result)})
         params = {k: v for k, v in vars(args).items() if not k.startswith("setting:")}
         stages = {**timer.as_dict()}
         stages.pop("total")
