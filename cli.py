@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("evaluation.commands.methods", "list the inversion and editing methods, their names and options"),
     "convert": ("weights.convert", "convert an SD-1.x checkpoint (.ckpt, .safetensors, diffusers folder) into a model directory"),
     "info": ("evaluation.commands.info", "build a model (e.g. --model tiny-random) and print its size and sites"),
-    "bench": ("benchmarks.commands", "benchmarks: `bench kernel` times the Triton attention against each SDPA backend"),
+    "bench": ("benchmarks.commands", "benchmarks: `bench edit` times one whole edit against diffusers, `bench kernel` the Triton attention against each SDPA backend"),
 }
 
 

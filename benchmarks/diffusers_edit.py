@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class P2PStore:
 class StoringProcessor:
     """A diffusers attention processor that materialises softmax(QK^T) and hands it to the store."""
 
-    def __init__(self, store: P2PStore, place: str, level: int) -> None:
+    def __init__(self, store: P2PStore | None, place: str, level: int) -> None:
         self.store, self.place, self.level = store, place, level
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
@@ -169,13 +169,16 @@ class StoringProcessor:
         k = attn.head_to_batch_dim(attn.to_k(context))
         v = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(q, k, None)  # (B * heads, N, M): every map, explicitly
-        probs = self.store.edit(probs, attn.heads, is_cross, self.place, self.level)
+        if self.store is not None:
+            probs = self.store.edit(probs, attn.heads, is_cross, self.place, self.level)
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def storing_processors(unet: Any, store: P2PStore) -> dict[str, StoringProcessor]:
-    """One processor per attention module, told its place (down/mid/up) and level (0 = full res)."""
+def storing_processors(unet: Any, store: P2PStore | None) -> dict[str, StoringProcessor]:
+    """One processor per attention module, told its place (down/mid/up) and level (0 = full res);
+    with store None, plain explicit attention (the offset pass: the same arithmetic as the edit's
+    source rows, so that adding the offsets cancels the edit's own z_rec)."""
     n = len(unet.config.block_out_channels)
     procs = {}
     for name in unet.attn_processors:
@@ -187,6 +190,13 @@ def storing_processors(unet: Any, store: P2PStore) -> dict[str, StoringProcessor
             place, level = ("down", index) if block == "down_blocks" else ("up", n - 1 - index)
         procs[name] = StoringProcessor(store, place, level)
     return procs
+
+
+def default_processor() -> Any:
+    """diffusers' own attention (SDPA), which the inversion and the offset pass run with."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
 
 
 def next_step(scheduler: Any, eps: Tensor, t: int, z: Tensor) -> Tensor:
@@ -207,9 +217,6 @@ class BaselineResult:
     trajectory: list[Tensor]  # L[0..S], each (1, 4, h, w)
     timings: dict[str, float]
     rows: dict[str, int]
-
-
-Timer = Callable[[str], Any]
 
 
 def _stage(timings: dict[str, float], device: torch.device):
@@ -236,7 +243,7 @@ def baseline_edit(b: Baseline, image: np.ndarray, spec: BaselineSpec, ours_token
     timings: dict[str, float] = {}
     stage = _stage(timings, b.device)
     rows: dict[str, int] = {}
-    b.unet.set_default_attn_processor()
+    b.unet.set_attn_processor(default_processor())
     sched = b.scheduler
     sched.set_timesteps(spec.steps)
     timesteps = [int(t) for t in sched.timesteps]
@@ -256,6 +263,7 @@ def baseline_edit(b: Baseline, image: np.ndarray, spec: BaselineSpec, ours_token
         trajectory = [t.to(b.device).float() for t in trajectory]
         offsets, z = [], trajectory[-1]
         pair = torch.cat([null, src])
+        b.unet.set_attn_processor(storing_processors(b.unet, None))
         for i, t in enumerate(timesteps):
             e_u, e_c = b.eps(torch.cat([z, z]), torch.tensor(t, device=b.device), pair).chunk(2)
             z_rec = sched.step(e_u + spec.guidance * (e_c - e_u), t, z).prev_sample
@@ -274,7 +282,7 @@ def baseline_edit(b: Baseline, image: np.ndarray, spec: BaselineSpec, ours_token
             store.between_steps()
             latents = torch.cat([latents[:1] + offsets[i], latents[1:]])
             latents = store.local_blend(latents, i)
-        b.unet.set_default_attn_processor()
+        b.unet.set_attn_processor(default_processor())
         rows["edit"] = b.rows - start
     with stage("decode"):
         out = b.vae.decode((latents / b.vae.config.scaling_factor).to(b.dtype)).sample.float()

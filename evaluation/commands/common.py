@@ -17,7 +17,7 @@ from evaluation.images import file_info, load_image, parse_size
 from evaluation.options import build_settings, refuse_foreign_options
 from evaluation.registry import Registry
 from ldm.errors import UsageError
-from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, open_model
+from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, default_dtype, open_model
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ def check_run_options(args: argparse.Namespace) -> RunOptions:
         raise UsageError(f"--steps {args.steps}: expected 1..1000")
     if not np.isfinite(args.guidance):
         raise UsageError(f"--guidance {args.guidance}: expected a finite number")
-    return RunOptions(parse_size(args.size), DTYPES[args.dtype] if args.dtype else None, check_device(args.device),
-                      not args.no_progress)
+    device = check_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)  # bf16 on CPUs with bf16 units
+    return RunOptions(parse_size(args.size), dtype, device, not args.no_progress)
 
 
 def load_model(args: argparse.Namespace, run: RunOptions) -> StableDiffusion:
