@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("evaluation.commands.edit", "invert a photo and edit it under --target prompts (--inversion, --control)"),
+    "generate": ("evaluation.commands.generate", "make pictures from a prompt (DDIM, guidance, negative prompt, seed)"),
     "reconstruct": ("evaluation.commands.reconstruct", "invert a photo and reconstruct it with its own prompt"),
     "invert": ("evaluation.commands.invert", "invert a photo once and write the inversion to a file (edit it many times)"),
     "eval": ("evaluation.commands.eval", "PIE-Bench: `eval run` (edit it), `eval score` (the seven metrics), `eval report` (tables, plot, contact sheets)"),
