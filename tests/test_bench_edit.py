@@ -70,7 +70,7 @@ def test_bench_edit_runs_end_to_end_and_writes_its_results(tmp_path):
     code = cli.main(["bench", "edit", "--model", str(Path(__file__).parent / "data" / "tiny-sd"), "--size", "128",
                      "--steps", "4", "--warmup", "0", "--repeats", "1", "--bf16", "no", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "edit-cpu.json").read_text())
-    assert (tmp_path / "edit-cpu.md").is_file()
+    assert (tmp_path / "edit-cpu.json").with_suffix(".md").is_file()
     assert result["ours"]["rows"]["total"] == 4 + 4 * 4  # inversion + edit
     assert result["diffusers"]["rows"]["total"] == 4 + 2 * 4 + 4 * 4  # + the separate offset pass
     assert set(result["ours"]["stages_s"]) == {"encode", "inversion", "edit", "decode"}
