@@ -21,13 +21,14 @@ if TYPE_CHECKING:
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("evaluation.commands.edit", "invert a photo and edit it under --target prompts (--inversion, --control)"),
+    "generate": ("evaluation.commands.generate", "make pictures from a prompt (DDIM, guidance, negative prompt, seed)"),
     "reconstruct": ("evaluation.commands.reconstruct", "invert a photo and reconstruct it with its own prompt"),
     "invert": ("evaluation.commands.invert", "invert a photo once and write the inversion to a file (edit it many times)"),
     "eval": ("evaluation.commands.eval", "PIE-Bench: `eval run` (edit it), `eval score` (the seven metrics), `eval report` (tables, plot, contact sheets)"),
     "methods": ("evaluation.commands.methods", "list the inversion and editing methods, their names and options"),
     "convert": ("weights.convert", "convert an SD-1.x checkpoint (.ckpt, .safetensors, diffusers folder) into a model directory"),
     "info": ("evaluation.commands.info", "build a model (e.g. --model tiny-random) and print its size and sites"),
-    "bench": ("benchmarks.commands", "benchmarks: `bench kernel` times the Triton attention against each SDPA backend"),
+    "bench": ("benchmarks.commands", "benchmarks: `bench edit` times one whole edit against diffusers, `bench kernel` the Triton attention against each SDPA backend"),
 }
 
 

@@ -122,7 +122,60 @@ def _run_kernel(args: argparse.Namespace, registry: Any) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction, Any], None], ...] = (_kernel,)
+def _edit(subparsers: argparse._SubParsersAction, registry: Any) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    parser = subparsers.add_parser(
+        "edit",
+        help="one whole DirectInversion + P2P edit, ours against the same edit written on diffusers",
+        description=(
+            "Time one DirectInversion + P2P (LocalBlend, PIE defaults) edit per stage, ours against a baseline "
+            "written on diffusers, on the same weights, image, dtype and steps, each side in its own process; "
+            "report UNet rows, peak memory and whether the two edits agree; write edit-<device>.json/.md. On a "
+            "CPU with bf16 units our bf16 edit is timed too."
+        ),
+    )
+    add_out_option(parser)
+    parser.add_argument("--model", default="sd14-random", help=(
+        "a diffusers folder (e.g. tests/data/tiny-sd), one of our model directories, tiny-random, or sd14-random "
+        "(SD-1.4 widths, seeded random weights) (default: %(default)s)"))
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16" if cuda else "fp32",
+                        help="the precision both sides run in (default: %(default)s)")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help=(
+        "also time our edit in bf16 against our own --dtype run; auto: on a CPU with bf16 units (default: %(default)s)"))
+    parser.add_argument("--size", type=int, default=512 if cuda else 256, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed edits first (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, metavar="N",
+                        help="timed edits per side; the median is reported (default: %(default)s)")
+    parser.set_defaults(bench_run=_run_edit)
+
+
+def _run_edit(args: argparse.Namespace, registry: Any) -> int:
+    from benchmarks.edit_bench import BenchOptions, cpu_has_bf16, run_edit_bench
+    from evaluation.commands.common import check_device
+
+    check_out(args.out)
+    device = check_device(args.device)
+    if args.size <= 0 or args.size % 64:
+        raise UsageError(f"--size {args.size}: expected a positive multiple of 64")
+    if not 1 <= args.steps <= 1000:
+        raise UsageError(f"--steps {args.steps}: expected 1..1000")
+    if args.warmup < 0 or args.repeats < 1:
+        raise UsageError(f"--warmup {args.warmup} --repeats {args.repeats}: need warmup >= 0 and repeats >= 1")
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cpu" and args.dtype != "bf16" and cpu_has_bf16())
+    args.out.mkdir(parents=True, exist_ok=True)
+    code, paths = run_edit_bench(BenchOptions(args.model, args.out, str(device), args.dtype, bf16, args.size, args.steps,
+                                              args.warmup, args.repeats))
+    print(f"written: {', '.join(map(str, paths))}")
+    if code:
+        print("bench edit: the edits disagree (see the table); a faster edit that computes something else is no win")
+    return code
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction, Any], None], ...] = (_kernel, _edit)
 
 
 def add_arguments(parser: argparse.ArgumentParser, registry: Any) -> None:

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.commands import add_out_option  # noqa: E402
+from benchmarks.diffusers_nets import diffusers_unet, to_diffusers_unet  # noqa: E402
 from benchmarks.common import device_name, markdown_table, measure, slug, write_results  # noqa: E402
 from kernels.attention import fused_attention_rows  # noqa: E402
 from ldm.config import SD14, TINY  # noqa: E402
@@ -69,23 +70,10 @@ class MaterialisingProcessor:
 
 
 def diffusers_unet_like(ours_cfg, state):
-    import diffusers
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    levels = range(len(ours_cfg.block_out_channels))
+    """diffusers' UNet holding `state` (our names), built on the meta device and assigned."""
     with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel(
-            block_out_channels=ours_cfg.block_out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if ours_cfg.attention_levels[i] else "DownBlock2D" for i in levels),
-            up_block_types=tuple(
-                "CrossAttnUpBlock2D" if ours_cfg.attention_levels[i] else "UpBlock2D" for i in reversed(levels)
-            ),
-            attention_head_dim=ours_cfg.num_heads,
-            cross_attention_dim=ours_cfg.context_dim,
-            layers_per_block=ours_cfg.layers_per_block,
-        )
-    mapped = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in state.items()}, dict(ref.config))
-    ref.load_state_dict(mapped, strict=True, assign=True)
+        ref = diffusers_unet(ours_cfg)
+    ref.load_state_dict(to_diffusers_unet(state, ref), strict=True, assign=True)
     return ref.eval()
 
 

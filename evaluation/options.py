@@ -134,7 +134,8 @@ def add_run_options(p: argparse.ArgumentParser, *, output: str = "output directo
                        help="read the photo's pixels as stored, ignoring its EXIF orientation tag (the reference's "
                             "behaviour; by default a photo taken sideways is turned upright)")
     group.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                       help="model dtype (default: the dtype the weights are stored in)")
+                       help="model dtype (default: bf16 on a CPU with AMX or AVX-512 bf16 units, else the dtype the "
+                            "weights are stored in; the DDIM arithmetic is float32 either way)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda when available, else cpu)")
     group.add_argument("--seed", type=int, default=1234,

@@ -186,6 +186,21 @@ def model_facts(spec: str) -> ModelFacts:
     return ModelFacts.of(config, read_tokenizer(spec, config))
 
 
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether `device` is a CPU with bf16 matrix units (AMX tiles or AVX-512 bf16), where a bf16 UNet
+    runs several times faster than fp32 (docs/performance.md, "bf16 on a CPU")."""
+    if torch.device(device).type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own feature checks
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The networks' dtype when the user names none: bf16 on a CPU with bf16 units, else None (the
+    dtype the weights are stored in). The DDIM arithmetic stays float32 whatever this is."""
+    return torch.bfloat16 if fast_bf16(device) else None
+
+
 def open_model(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StableDiffusion:
     """A name in TINY_MODELS builds that in-memory test model; anything else is a converted directory."""
     if spec in TINY_MODELS:

@@ -143,7 +143,7 @@ def tiny_sd_model(oracle_sd, tmp_path_factory):
 
 def cli_edit(model, out, *extra: str) -> np.ndarray:
     argv = ["edit", "--model", str(model), "--image", str(ORACLE / "input.png"), "--source", SOURCE,
-            "--target", TARGET, "--no-progress", "--save-latents", "-o", str(out), *extra]
+            "--target", TARGET, "--no-progress", "--save-latents", "--dtype", "fp32", "-o", str(out), *extra]
     assert cli.main(argv) == 0
     return np.load(out / "latents" / "final.npy")
 
@@ -165,7 +165,7 @@ def test_an_inverted_file_edits_like_inverting_in_the_same_run(tiny_sd_model, tm
     """`invedit invert` then `edit --inversion-file` equals one `edit` that inverts itself."""
     inv_path = tmp_path / "inv.safetensors"
     small = ["--steps", "10", "--size", "256"]
-    common = ["--model", str(tiny_sd_model), "--image", str(ORACLE / "input.png"), "--no-progress", *small]
+    common = ["--model", str(tiny_sd_model), "--image", str(ORACLE / "input.png"), "--no-progress", "--dtype", "fp32", *small]
     assert cli.main(["invert", *common, "--prompt", SOURCE, "--inversion", "null-text", "-o", str(inv_path)]) == 0
     from_file = cli_edit(tiny_sd_model, tmp_path / "file", "--inversion-file", str(inv_path), *small)
     direct = cli_edit(tiny_sd_model, tmp_path / "direct", "--inversion", "null-text", *small)

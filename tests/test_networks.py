@@ -19,7 +19,14 @@ from ldm.model import build_networks, random_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint  # noqa: E402
+from benchmarks.diffusers_nets import (  # noqa: E402
+    diffusers_unet,
+    diffusers_vae,
+    to_diffusers_unet,
+    to_diffusers_vae,
+    to_transformers_clip,
+    transformers_clip,
+)
 
 # An SD-shaped tiny config: attention at full resolution, none at the last level (as SD-1.4).
 SD_SHAPED = SDConfig(
@@ -41,69 +48,6 @@ SD2_SHAPED = SDConfig(
 )
 CONFIGS = [TINY, SD_SHAPED, TINY_SD2, SD2_SHAPED]
 CONFIG_IDS = ["tiny-sd", "sd-shaped", "tiny-sd2", "sd2-shaped"]
-
-
-def diffusers_unet(cfg: UNetConfig):
-    levels = range(len(cfg.block_out_channels))
-    return diffusers.UNet2DConditionModel(
-        sample_size=32,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if cfg.attention_levels[i] else "DownBlock2D" for i in levels),
-        up_block_types=tuple(
-            "CrossAttnUpBlock2D" if cfg.attention_levels[i] else "UpBlock2D" for i in reversed(levels)
-        ),
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads,  # diffusers' legacy name for the head count
-        cross_attention_dim=cfg.context_dim,
-        norm_num_groups=cfg.norm_groups,
-        use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention,
-    )
-
-
-def diffusers_vae(cfg: VAEConfig):
-    n = len(cfg.block_out_channels)
-    return diffusers.AutoencoderKL(
-        block_out_channels=cfg.block_out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_groups,
-    )
-
-
-def transformers_clip(cfg: TextConfig):
-    return transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            max_position_embeddings=cfg.max_positions,
-            hidden_act=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps,
-        )
-    )
-
-
-def to_diffusers_unet(ours: dict, reference) -> dict:
-    ckpt = {"model.diffusion_model." + k: v for k, v in ours.items()}
-    return convert_ldm_unet_checkpoint(ckpt, config=dict(reference.config))
-
-
-def to_diffusers_vae(ours: dict, reference) -> dict:
-    ckpt = {"first_stage_model." + k: v for k, v in ours.items()}
-    return convert_ldm_vae_checkpoint(ckpt, config=dict(reference.config))
-
-
-def to_transformers_clip(ours: dict, reference) -> dict:
-    # transformers >= 5.6 has no `text_model.` level; older versions do.
-    prefix = "text_model." if any(k.startswith("text_model.") for k in reference.state_dict()) else ""
-    return {prefix + k: v for k, v in ours.items()}
 
 
 def random_nets(config: SDConfig, seed: int = 0, dtype=torch.float32):

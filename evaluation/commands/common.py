@@ -18,7 +18,7 @@ from evaluation.options import build_settings, refuse_foreign_options
 from evaluation.outputs import make_parent
 from evaluation.registry import Registry
 from ldm.errors import UsageError
-from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, open_model
+from ldm.model import DTYPES, TINY_MODELS, StableDiffusion, default_dtype, open_model
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def check_run_options(args: argparse.Namespace) -> RunOptions:
         raise UsageError(f"--guidance {args.guidance}: expected a finite number")
     if args.max_pixels < 1:
         raise UsageError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
-    size, dtype, device = parse_size(args.size), DTYPES[args.dtype] if args.dtype else None, check_device(args.device)
+    size, device = parse_size(args.size), check_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)  # bf16 on CPUs with bf16 units
     check_memory(size, dtype, device)
     return RunOptions(size, dtype, device, not args.no_progress, args.max_pixels, not args.ignore_orientation)
 

@@ -1,0 +1,379 @@
+"""`invedit bench edit`: one whole DirectInversion + P2P edit, ours against the diffusers baseline.
+
+The same weights on both sides: the model is written once as a diffusers folder and converted into
+ours (or a diffusers folder such as tests/data/tiny-sd is converted), so each side loads its own
+files from disk. The same image, prompts, size, dtype and steps. Each side runs in its own child
+process (`python -m benchmarks.edit_bench --child SPEC.json`), one after the other, so its peak
+RSS is its own and not whatever ran first. In a child:
+
+1. load (timed once: the first load of the process);
+2. `warmup` untimed edits, then `repeats` timed edits: wall time per stage (encode, inversion,
+   edit, decode), the median of each reported;
+3. memory: on CUDA `max_memory_allocated` over the timed edits; on a CPU the process's peak RSS,
+   its RSS after loading (the weights), and the peak of live tensor bytes during one more edit
+   watched by a dispatch-level tracker (every tensor an operator returns counted until freed;
+   untimed, as the tracker slows the edit down);
+4. the agreement edit: the edit again, started from the trajectory of our fp32 inversion (a chaotic
+   50-step guided loop amplifies any inversion difference, so agreement is measured from one
+   inversion, as the oracle tests do).
+
+Agreement: relative RMS, RMS(ours - theirs) / RMS(theirs), per final latent row (source, target),
+at most `TOLERANCE` (the oracle tests' tolerance). bf16 (when asked, and by default on a CPU with
+bf16 units): our bf16 edit against our fp32 edit from the same trajectory, judged against the
+yardstick of the same comparison made by the diffusers baseline (its bf16 edit against its fp32
+edit): ours may be at most `BF16_FACTOR` times as far, as the kernel tests judge low-precision error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from benchmarks.common import device_name, markdown_table, slug, write_results
+from ldm.errors import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGE = REPO_ROOT / "tests" / "data" / "oracle" / "input.png"
+SOURCE = "a round cake with orange frosting on a wooden plate"
+TARGET = "a square cake with orange frosting on a wooden plate"
+BLEND = ("cake", "cake")
+TOLERANCE = 1e-2  # relative RMS per row, the oracle tests' tolerance
+BF16_FACTOR = 2.0  # our bf16 error may be at most this many times the baseline's own bf16 error
+STAGES = ("encode", "inversion", "edit", "decode")
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What one child process measures."""
+
+    side: str  # "ours" | "diffusers"
+    model_dir: str  # our directory (ours) or a diffusers folder (diffusers)
+    device: str
+    dtype: str  # "fp32" | "fp16" | "bf16"
+    size: int
+    steps: int
+    warmup: int
+    repeats: int  # 0: agreement edit only
+    track: bool  # CPU: the tensor-bytes tracker run
+    trajectory: str | None  # .pt file with the fp32 trajectory to start the agreement edit from
+    out: str  # .pt file the child writes
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages made by operators while active (weights, made before, are
+    not counted). A storage is counted once, from the operator that returns it until it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (Linux /proc), or 0 where unreadable."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rel_rms(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    a, b = ours.detach().double().cpu(), theirs.detach().double().cpu()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Relative RMS of each final latent row (source, target) and whether all are within tolerance."""
+    per_row = [rel_rms(ours[i], theirs[i]) for i in range(theirs.shape[0])]
+    return {"rel_rms": per_row, "tolerance": tolerance, "agree": all(e <= tolerance for e in per_row)}
+
+
+# --- the child ---------------------------------------------------------------------------------
+
+
+def _ours(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.ndarray):
+    from evaluation.api import edit
+    from evaluation.registry import Registry
+    from evaluation.timing import StageTimer
+    from ldm.model import open_model
+
+    start = time.perf_counter()
+    sd = open_model(spec.model_dir, dtype, device)
+    load_s = time.perf_counter() - start
+    edit_spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=BLEND,
+                                     steps=spec.steps)
+
+    def run(trajectory: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+        timer = StageTimer()
+        result = edit(sd, image, edit_spec, timer=timer, trajectory=trajectory)
+        times = dict(result.timings)
+        times["inversion"] = times.pop("invert")
+        return {"timings": times, "rows": dict(result.unet_rows), "latents": result.latents.float().cpu(),
+                "trajectory": tuple(t.float().cpu() for t in result.inversion.trajectory)}
+
+    return load_s, run
+
+
+def _diffusers(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.ndarray):
+    from benchmarks.diffusers_edit import Baseline, BaselineSpec, baseline_edit
+    from ldm.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    baseline = Baseline.load(Path(spec.model_dir), device, dtype)
+    load_s = time.perf_counter() - start
+    tokenizer = Tokenizer.from_dir(Path(spec.model_dir) / "tokenizer")  # for the token bookkeeping only
+    edit_spec = BaselineSpec(SOURCE, TARGET, BLEND, steps=spec.steps)
+
+    def run(trajectory: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+        result = baseline_edit(baseline, image, edit_spec, tokenizer, None if trajectory is None else list(trajectory))
+        return {"timings": result.timings, "rows": result.rows, "latents": result.latents.float().cpu(),
+                "trajectory": tuple(t.float().cpu() for t in result.trajectory)}
+
+    return load_s, run
+
+
+def child(spec: ChildSpec) -> None:
+    from evaluation.images import load_image
+    from ldm.model import DTYPES
+
+    device, dtype = torch.device(spec.device), DTYPES[spec.dtype]
+    torch.manual_seed(0)
+    image = load_image(str(IMAGE), (spec.size, spec.size))
+    load_s, run = (_ours if spec.side == "ours" else _diffusers)(spec, device, dtype, image)
+    rss_loaded = rss_bytes()
+    record: dict[str, Any] = {"side": spec.side, "dtype": spec.dtype, "load_s": load_s}
+    timed: list[dict[str, Any]] = []
+    last = None
+    if spec.repeats:
+        for _ in range(spec.warmup):
+            run()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(spec.repeats):
+            last = run()
+            timed.append(last["timings"])
+        record["stages_s"] = {s: statistics.median(t[s] for t in timed) for s in STAGES}
+        record["stage_runs_s"] = {s: [t[s] for t in timed] for s in STAGES}
+        record["edit_s"] = statistics.median(sum(t[s] for s in STAGES) for t in timed)
+        record["rows"] = last["rows"]
+        memory: dict[str, Any] = {}
+        if device.type == "cuda":
+            memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        else:
+            memory["rss_after_load_bytes"] = rss_loaded
+            if spec.track:
+                with LiveTensorBytes() as tracker:
+                    run()
+                memory["tracked_peak_tensor_bytes"] = tracker.peak
+            memory["peak_rss_bytes"] = peak_rss_bytes()
+            memory["working_rss_bytes"] = memory["peak_rss_bytes"] - rss_loaded
+        record["memory"] = memory
+    tensors: dict[str, Any] = {}
+    if last is not None:
+        tensors["own_latents"] = last["latents"]
+        tensors["trajectory"] = torch.stack(last["trajectory"])
+    if spec.trajectory:
+        start_from = tuple(torch.load(spec.trajectory)["trajectory"].to(device))
+        tensors["agreement_latents"] = run(start_from)["latents"]
+    torch.save({"record": record, **tensors}, spec.out)
+
+
+# --- the parent --------------------------------------------------------------------------------
+
+
+def prepare_weights(model: str, tmp: Path) -> tuple[Path, Path]:
+    """(our directory, a diffusers folder) holding the same weights, under `tmp`.
+
+    model: a diffusers folder (e.g. tests/data/tiny-sd); `tiny-random` / `tiny-random-sd2`; `sd14-random`
+    (SD-1.4 widths, seeded random weights); or one of our converted directories."""
+    from benchmarks.diffusers_nets import diffusers_folder
+    from ldm.config import SD14
+    from ldm.model import TINY_MODELS, StableDiffusion
+    from weights.convert import convert
+
+    ours, theirs = tmp / "ours", tmp / "diffusers"
+    path = Path(model)
+    if path.is_dir() and (path / "unet").is_dir():  # a diffusers folder
+        convert(path, ours)
+        return ours, path
+    if model in TINY_MODELS or model == "sd14-random":
+        config = SD14 if model == "sd14-random" else TINY_MODELS[model]
+        diffusers_folder(StableDiffusion.tiny_random(config=config), theirs)
+        convert(theirs, ours)
+        return ours, theirs
+    if (path / "config.json").is_file():  # ours
+        diffusers_folder(StableDiffusion.load(path), theirs)
+        ours.symlink_to(path.resolve())
+        return ours, theirs
+    raise UsageError(f"--model {model}: expected a diffusers folder, one of our model directories, "
+                     "tiny-random, tiny-random-sd2 or sd14-random")
+
+
+def run_child(spec: ChildSpec) -> dict[str, Any]:
+    path = Path(spec.out).with_suffix(".json")
+    path.write_text(json.dumps(asdict(spec)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.edit_bench", "--child", str(path)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench edit: the {spec.side} {spec.dtype} run failed:\n{done.stderr[-4000:]}")
+    return torch.load(spec.out)
+
+
+def cpu_has_bf16() -> bool:
+    from ldm.model import fast_bf16
+
+    return fast_bf16(torch.device("cpu"))
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str
+    out: Path
+    device: str
+    dtype: str  # the precision both sides are compared in
+    bf16: bool  # also time our bf16 against our own `dtype` run
+    size: int
+    steps: int
+    warmup: int
+    repeats: int
+
+
+def _gib(n: float | None) -> str:
+    return "" if n is None else f"{n / 2**30:.2f}"
+
+
+def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
+    """Run every side, write edit-<device>.json/.md into opts.out; returns (exit code, paths)."""
+    device = torch.device(opts.device)
+    cpu = device.type == "cpu"
+    with tempfile.TemporaryDirectory(prefix="invedit-bench-edit-") as tmp_name:
+        tmp = Path(tmp_name)
+        ours_dir, theirs_dir = prepare_weights(opts.model, tmp)
+
+        def spec(side: str, dtype: str, repeats: int, trajectory: Path | None, name: str) -> ChildSpec:
+            return ChildSpec(side, str(ours_dir if side == "ours" else theirs_dir), opts.device, dtype, opts.size,
+                             opts.steps, opts.warmup if repeats else 0, repeats, cpu and repeats > 0,
+                             None if trajectory is None else str(trajectory), str(tmp / f"{name}.pt"))
+
+        ours = run_child(spec("ours", opts.dtype, opts.repeats, None, "ours"))
+        trajectory = tmp / "ours.pt"
+        theirs = run_child(spec("diffusers", opts.dtype, opts.repeats, trajectory, "diffusers"))
+        agree = agreement(ours["own_latents"], theirs["agreement_latents"])
+        agree["inversion_zT_rel_rms"] = rel_rms(ours["trajectory"][-1], theirs["trajectory"][-1])
+        payload: dict[str, Any] = {
+            "what": "one DirectInversion + P2P refine + LocalBlend edit, ours (fused) against the diffusers baseline",
+            "device": device_name(device), "model": opts.model, "size": opts.size, "steps": opts.steps,
+            "dtype": opts.dtype, "warmup": opts.warmup, "repeats": opts.repeats, "torch": torch.__version__,
+            "prompts": {"source": SOURCE, "target": TARGET, "blend": list(BLEND)},
+            "ours": ours["record"], "diffusers": theirs["record"], "agreement": agree,
+        }
+        o, t = ours["record"], theirs["record"]
+        ratios = {"edit_time": o["edit_s"] / t["edit_s"],
+                  "rows": o["rows"]["total"] / t["rows"]["total"]}
+        for key in ("cuda_max_allocated_bytes", "peak_rss_bytes", "working_rss_bytes", "tracked_peak_tensor_bytes"):
+            if key in o["memory"] and key in t["memory"] and t["memory"][key] > 0:
+                ratios[key.removesuffix("_bytes")] = o["memory"][key] / t["memory"][key]
+        payload["ours_over_diffusers"] = ratios
+        ok = agree["agree"]
+        if opts.bf16:
+            low = run_child(spec("ours", "bf16", opts.repeats, trajectory, "ours-bf16"))
+            yard = run_child(spec("diffusers", "bf16", 0, trajectory, "diffusers-bf16"))
+            ours_err = agreement(low["agreement_latents"], ours["own_latents"])["rel_rms"]
+            yard_err = agreement(yard["agreement_latents"], theirs["agreement_latents"])["rel_rms"]
+            bf16_ok = all(e <= BF16_FACTOR * y + 1e-6 for e, y in zip(ours_err, yard_err))
+            payload["bf16"] = {
+                "ours": low["record"], "speedup_over_ours": o["edit_s"] / low["record"]["edit_s"],
+                "rel_rms_vs_ours_fp32": ours_err, "diffusers_bf16_vs_fp32_rel_rms": yard_err,
+                "factor": BF16_FACTOR, "agree": bf16_ok,
+            }
+            ok = ok and bf16_ok
+    table = edit_table(payload)
+    print(table)
+    stem = f"edit-{'cpu' if cpu else slug(device_name(device))}"
+    paths = list(write_results(opts.out, stem, payload, table))
+    return (0 if ok else 1), paths
+
+
+def edit_table(p: dict[str, Any]) -> str:
+    o, t = p["ours"], p["diffusers"]
+    head = (f"One DirectInversion + P2P edit (LocalBlend, PIE defaults), {p['model']} at {p['size']}x{p['size']} px, "
+            f"{p['steps']} steps, {p['dtype']}, {p['device']}; median of {p['repeats']} after {p['warmup']} warm-up\n\n")
+    rows = []
+    for stage in STAGES:
+        a, b = o["stages_s"][stage], t["stages_s"][stage]
+        rows.append([stage, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}"])
+    rows.append(["**edit (encode to decode)**", f"{o['edit_s']:.2f}", f"{t['edit_s']:.2f}", f"**{o['edit_s'] / t['edit_s']:.2f}**"])
+    rows.append(["load (once)", f"{o['load_s']:.2f}", f"{t['load_s']:.2f}", f"{o['load_s'] / t['load_s']:.2f}"])
+    rows.append(["UNet rows", str(o["rows"]["total"]), str(t["rows"]["total"]), f"{o['rows']['total'] / t['rows']['total']:.2f}"])
+    for key, label in (("cuda_max_allocated_bytes", "CUDA max allocated GiB"), ("peak_rss_bytes", "peak RSS GiB"),
+                       ("working_rss_bytes", "peak RSS above the loaded model GiB"),
+                       ("tracked_peak_tensor_bytes", "peak live tensors made by the edit GiB")):
+        if key in o["memory"]:
+            a, b = o["memory"][key], t["memory"][key]
+            rows.append([label, _gib(a), _gib(b), f"{a / b:.2f}" if b else ""])
+    a = p["agreement"]
+    text = head + markdown_table(["stage", "ours s", "diffusers s", "ours/diffusers"], rows)
+    text += (f"\n\nAgreement from one inversion (relative RMS per final latent, source / target): "
+             f"{a['rel_rms'][0]:.1e} / {a['rel_rms'][1]:.1e}, tolerance {a['tolerance']:g}: "
+             f"{'agree' if a['agree'] else 'DISAGREE'}; the two inversions' z_T differ by {a['inversion_zT_rel_rms']:.1e}.")
+    if "bf16" in p:
+        b = p["bf16"]
+        low = b["ours"]
+        text += (f"\n\nOurs in bf16: edit {low['edit_s']:.2f} s, {b['speedup_over_ours']:.2f}x our {p['dtype']} "
+                 f"(stages: " + ", ".join(f"{s} {low['stages_s'][s]:.2f}" for s in STAGES) + "); against our "
+                 f"{p['dtype']} edit from the same inversion: {b['rel_rms_vs_ours_fp32'][0]:.1e} / "
+                 f"{b['rel_rms_vs_ours_fp32'][1]:.1e}; the baseline's own bf16 vs {p['dtype']}: "
+                 f"{b['diffusers_bf16_vs_fp32_rel_rms'][0]:.1e} / {b['diffusers_bf16_vs_fp32_rel_rms'][1]:.1e} "
+                 f"(allowed: {b['factor']:g}x): {'agree' if b['agree'] else 'DISAGREE'}.")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a child run of invedit bench edit")
+    parser.add_argument("--child", type=Path, required=True)
+    args = parser.parse_args(argv)
+    child(ChildSpec(**json.loads(args.child.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The work of one edit, and `invedit bench edit`.
+
+- A fused DirectInversion + P2P edit evaluates exactly 250 UNet rows at 50 steps (50 inversion
+  rows, 4 editing rows per step), counted by a counting wrapper around the UNet (the oracle), not
+  read from the code's own bookkeeping alone.
+- No inversion builds a weight gradient, even when the caller's model has requires_grad on.
+- `bench edit` runs end to end on tests/data/tiny-sd (1 repeat, few steps) and writes its results
+  file; its agreement check fails on a different edit. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import cli
+from benchmarks.edit_bench import agreement
+from evaluation.api import edit, invert
+from evaluation.images import load_image
+from evaluation.registry import Registry
+from ldm.model import StableDiffusion
+
+IMAGE = Path(__file__).parent / "data" / "oracle" / "input.png"
+SOURCE, TARGET = "a round cake on a plate", "a square cake on a plate"
+
+
+class CountingUNet(nn.Module):
+    """Counts the batch rows of every call to the wrapped UNet."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = unet, 0
+
+    def forward(self, x, t, context, ctx=None):
+        self.rows += x.shape[0]
+        return self.inner(x, t, context, ctx)
+
+    def attn_sites(self):
+        return self.inner.attn_sites()
+
+    def res_sites(self):
+        return self.inner.res_sites()
+
+
+def test_fused_direct_inversion_edit_is_250_unet_rows_at_50_steps():
+    sd = StableDiffusion.tiny_random()
+    counter = CountingUNet(sd.unet)
+    sd.unet = counter
+    spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=("cake", "cake"), steps=50)
+    result = edit(sd, load_image(str(IMAGE), 64), spec)
+    assert counter.rows == 250
+    assert result.unet_rows == {"inversion": 50, "edit": 200, "total": 250}
+
+
+@pytest.mark.parametrize("name", ["ddim", "direct", "negative-prompt", "null-text", "pix2pix-zero-inversion"])
+def test_no_inversion_builds_weight_gradients(name):
+    sd = StableDiffusion.tiny_random()
+    sd.requires_grad_(True)  # a caller's model with gradients on: the inversion must still build none
+    image = load_image(str(IMAGE), 64)
+    inversion = invert(sd, image, Registry().inversion_spec(name, prompt=SOURCE, steps=3), target=TARGET)
+    assert len(inversion.trajectory) == 4
+    assert [n for n, p in sd.named_parameters() if p.grad is not None] == []
+
+
+def test_bench_edit_runs_end_to_end_and_writes_its_results(tmp_path):
+    code = cli.main(["bench", "edit", "--model", str(Path(__file__).parent / "data" / "tiny-sd"), "--size", "128",
+                     "--steps", "4", "--warmup", "0", "--repeats", "1", "--bf16", "no", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "edit-cpu.json").read_text())
+    assert (tmp_path / "edit-cpu.json").with_suffix(".md").is_file()
+    assert result["ours"]["rows"]["total"] == 4 + 4 * 4  # inversion + edit
+    assert result["diffusers"]["rows"]["total"] == 4 + 2 * 4 + 4 * 4  # + the separate offset pass
+    assert set(result["ours"]["stages_s"]) == {"encode", "inversion", "edit", "decode"}
+    assert result["ours"]["memory"]["tracked_peak_tensor_bytes"] > 0
+    assert code == (0 if result["agreement"]["agree"] else 1)
+    assert result["agreement"]["agree"], result["agreement"]
+
+
+def test_the_agreement_check_fails_on_a_different_edit():
+    sd = StableDiffusion.tiny_random()
+    image = load_image(str(IMAGE), 64)
+    registry = Registry()
+    one = edit(sd, image, registry.edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, steps=4))
+    again = edit(sd, image, registry.edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, steps=4))
+    other = edit(sd, image, registry.edit_spec("directinversion+p2p", source=SOURCE, target="a square cake on a table",
+                                               steps=4), inversion=one.inversion)
+    assert agreement(again.latents, one.latents)["agree"]
+    verdict = agreement(other.latents, one.latents)
+    assert not verdict["agree"] and verdict["rel_rms"][1] > verdict["tolerance"]
+    assert verdict["rel_rms"][0] <= 1e-6  # the source branch is pinned to the same trajectory
