@@ -89,11 +89,13 @@ class Pair:
     part means a particular inversion (pix2pix-zero's "ddim" is its own regularised inversion).
 
     inversion: the inversion method's name, None for the name's own first part; settings: the
-    inversion settings the name implies."""
+    inversion settings the name implies; edit_settings: this method's settings the name implies
+    (SPDInv's P2P runs with proximal and inversion guidance, "spdinv+p2p")."""
 
     name: str
     inversion: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    edit_settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
