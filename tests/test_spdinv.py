@@ -1,0 +1,144 @@
+"""SPDInv (inversion/spdinv.py, docs/methods/spdinv.md) on the tiny-sd weights at 128 px and 20
+steps, guidance 7.5, and its editing pairs on tiny-random:
+
+- each step's fixed-point residual ends below the threshold, or the round limit is hit and recorded;
+  the residual is recomputed here from the definition, not read from the method;
+- the reconstruction (E(src) as the null embedding, as the editing loop uses it) beats DDIM's;
+- the reference's PnP-script quirk (UNet at the start latent) makes one round that only shrinks the
+  plain DDIM step by AdamW's weight decay;
+- no weight gradient is built; the cost record counts what ran;
+- spdinv+p2p (proximal + inversion guidance), spdinv+masactrl ([1, w], proximal on the target) and
+  spdinv+pnp each change the target against the same run with the edit switched off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluation.api import edit
+from evaluation.images import encode, load_image
+from evaluation.registry import Registry
+from inversion.ddim import invert_ddim
+from inversion.method import InversionTask
+from inversion.spdinv import SPDInvSettings, invert_spdinv
+from ldm.context import BatchLayout
+from ldm.model import StableDiffusion
+from samplers.ddim import ddim_inverse_step
+from samplers.loop import denoise
+from samplers.noise import predict_noise
+from samplers.schedule import Schedule
+from tests.oracle_fixtures import ORACLE, SOURCE, TARGET
+from tests.test_loop import SMALL
+
+STEPS = 20
+W = 7.5
+
+
+@pytest.fixture(scope="module")
+def case(oracle_sd):
+    z0 = encode(oracle_sd, load_image(ORACLE / "input.png", 128))  # (1, 4, 16, 16)
+    null, src = oracle_sd.embed(["", SOURCE]).split(1)
+    task = InversionTask(z0, src, null, Schedule(STEPS), W)
+    return {"sd": oracle_sd, "z0": z0, "null": null, "src": src, "task": task,
+            "ddim": invert_ddim(oracle_sd, task), "spd": invert_spdinv(oracle_sd, task)}
+
+
+def residual(sd, z_prev, z, t, prompt, schedule) -> float:
+    """mse(z, F(z)), F(z) = the DDIM inversion step from z_prev with the UNet read at z itself."""
+    with torch.no_grad():
+        return F.mse_loss(z, ddim_inverse_step(z_prev, predict_noise(sd, z, t, prompt), t, schedule)).item()
+
+
+def test_every_step_reaches_the_fixed_point_threshold_or_the_round_limit(case) -> None:
+    inv, settings, schedule = case["spd"], SPDInvSettings(), case["task"].schedule
+    rounds = inv.cost.rounds_per_step
+    assert len(rounds) == STEPS and all(1 <= r <= settings.rounds for r in rounds)
+    for k, t in enumerate(reversed(schedule.timesteps)):
+        losses = inv.losses[k]
+        assert len(losses) == rounds[k]
+        # stopped by the threshold (its last round's loss below it) or by the limit
+        assert losses[-1] < settings.threshold or rounds[k] == settings.rounds, (k, losses)
+        # the optimised latent is nearer its own fixed point than the plain DDIM step from the same start
+        z_prev = inv.trajectory[k]
+        with torch.no_grad():
+            plain = ddim_inverse_step(z_prev, predict_noise(case["sd"], z_prev, t, case["src"]), t, schedule)
+        ours = residual(case["sd"], z_prev, inv.trajectory[k + 1], t, case["src"], schedule)
+        assert ours <= residual(case["sd"], z_prev, plain, t, case["src"], schedule) * 1.01, k
+    # measured: 1 round at the clean end, up to 25 at the noisy end
+    assert rounds[0] < rounds[-1]
+
+
+def test_reconstruction_beats_ddim_at_guidance_7_5(case) -> None:
+    def recon(inversion) -> torch.Tensor:
+        null = case["src"] if inversion.null_embeddings is not None else case["null"]
+        return denoise(case["sd"], BatchLayout.cfg(("source",)), torch.cat([null, case["src"]]), inversion=inversion,
+                       guidance=W).latents
+
+    def rms(a):
+        return float((a - case["z0"]).pow(2).mean().sqrt())
+
+    spd, ddim = rms(recon(case["spd"])), rms(recon(case["ddim"]))
+    assert spd < 0.5 * ddim, (spd, ddim)
+
+
+def test_reference_pnp_quirk_only_shrinks_the_ddim_step(case) -> None:
+    """UNet at the step's start latent: F is a constant equal to the initial latent, the loss is 0 in
+    the first round, and AdamW's update is its weight decay alone, x (1 - lr wd)."""
+    schedule = Schedule(3)
+    task = InversionTask(case["z0"], case["src"], case["null"], schedule, W)
+    quirk = invert_spdinv(case["sd"], task, SPDInvSettings(unet_at_start=True))
+    assert quirk.cost.rounds_per_step == (1, 1, 1)
+    z = case["z0"]
+    for k, t in enumerate(reversed(schedule.timesteps)):
+        with torch.no_grad():
+            z = ddim_inverse_step(z, predict_noise(case["sd"], z, t, case["src"]), t, schedule) * (1 - 1e-3 * 1e-2)
+        torch.testing.assert_close(quirk.trajectory[k + 1], z, rtol=1e-6, atol=1e-6)
+
+
+def test_cost_counts_the_plain_steps_and_every_round(case) -> None:
+    cost = case["spd"].cost
+    rounds = sum(cost.rounds_per_step)
+    assert cost.unet_rows == STEPS + rounds and cost.unet_rows_backward == rounds
+    assert cost.seconds is not None and cost.as_dict()["rounds_total"] == rounds
+
+
+def test_spdinv_builds_no_weight_gradients() -> None:
+    sd = StableDiffusion.tiny_random(seed=1, config=SMALL)
+    sd.requires_grad_(True)  # even a model left trainable by its owner
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    null, cake = sd.embed(["", "a cake"]).split(1)
+    inv = invert_spdinv(sd, InversionTask(z0, cake, null, Schedule(2)), SPDInvSettings(rounds=2, threshold=0.0))
+    assert inv.cost.rounds_per_step == (2, 2)
+    assert all(p.grad is None for p in sd.parameters())
+    assert all(p.requires_grad for p in sd.parameters())  # flags restored afterwards
+    assert not any(z.requires_grad for z in inv.trajectory)
+
+
+REGISTRY = Registry()
+IDLE = {"spdinv+p2p": {"cross": 0.0, "self_": 0.0}, "spdinv+masactrl": {"start_step": 6},
+        "spdinv+pnp": {"features": 0.0, "attention": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> StableDiffusion:
+    return StableDiffusion.tiny_random(seed=0)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(128, 128, 3, generator=g) * 255).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("pair", list(IDLE))
+def test_each_spdinv_pair_changes_the_target(tiny, photo, pair) -> None:
+    """Against the same run (same inversion, rows and guidance) with the edit's control switched off."""
+    spec = REGISTRY.edit_spec(pair, source="a round cake on a plate", target="a square cake on a plate", steps=6)
+    inversion = edit(tiny, photo, spec).inversion
+    edited = edit(tiny, photo, spec, inversion=inversion)
+    idle = edit(tiny, photo, REGISTRY.edit_spec(pair, source=spec.source, target=spec.target, steps=6, **IDLE[pair]),
+                inversion=inversion)
+    assert edited.inversion.method == "spdinv" and len(edited.sites) > 0
+    assert float((edited.latents[1] - idle.latents[1]).norm() / idle.latents[1].norm()) > 1e-4
