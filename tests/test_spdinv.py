@@ -142,3 +142,34 @@ def test_each_spdinv_pair_changes_the_target(tiny, photo, pair) -> None:
                 inversion=inversion)
     assert edited.inversion.method == "spdinv" and len(edited.sites) > 0
     assert float((edited.latents[1] - idle.latents[1]).norm() / idle.latents[1].norm()) > 1e-4
+
+
+def naive_inversion_guidance(latents, u, c, pivot, t, quantile=0.7, recon_t=400, recon_lr=1.0):
+    """leeruibin/SPDInv P2P/ptp_utils.py diffusion_step's l0 branch and pull-back, in its structure."""
+    score_delta = c - u
+    threshold = score_delta.abs().quantile(quantile)
+    score_delta = score_delta - score_delta.clamp(-threshold, threshold)
+    if not (recon_t > 0 and t < recon_t):
+        return latents
+    mask_edit = (score_delta.abs() > threshold).float()
+    mask_edit = F.max_pool2d(mask_edit, 3, 1, 1)
+    return latents - recon_lr * (latents - pivot.expand_as(latents)) * (1 - mask_edit)
+
+
+@pytest.mark.parametrize("t", [381, 401])
+def test_inversion_guidance_equals_the_reference_structure(t) -> None:
+    from ldm.context import AttnContext
+    from samplers.prox import Proximal
+
+    g = torch.Generator().manual_seed(0)
+    u, c, latents = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))
+    c[0] = u[0]  # the source's direction is 0, as with E(src) on both of its rows
+    pivot = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = AttnContext(0, t, 50, BatchLayout.cfg())
+    ours = Proximal(7.5, 0.7, "l0", recon_t=400).pull_back(u, c, ctx, latents, pivot)
+    torch.testing.assert_close(ours, naive_inversion_guidance(latents, u, c, pivot, t), rtol=0, atol=0)
+    if t < 400:
+        assert torch.equal(ours[0], pivot[0])  # the source is pinned
+        assert not torch.equal(ours[1], pivot[0]) and not torch.equal(ours[1], latents[1])
+    else:
+        assert torch.equal(ours, latents)
