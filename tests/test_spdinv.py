@@ -135,11 +135,13 @@ def photo():
 @pytest.mark.parametrize("pair", list(IDLE))
 def test_each_spdinv_pair_changes_the_target(tiny, photo, pair) -> None:
     """Against the same run (same inversion, rows and guidance) with the edit's control switched off."""
-    spec = REGISTRY.edit_spec(pair, source="a round cake on a plate", target="a square cake on a plate", steps=6)
+    # 3 rounds a step: the composition, not the convergence, is under test here
+    spec = REGISTRY.edit_spec(pair, source="a round cake on a plate", target="a square cake on a plate", steps=6,
+                              rounds=3)
     inversion = edit(tiny, photo, spec).inversion
     edited = edit(tiny, photo, spec, inversion=inversion)
-    idle = edit(tiny, photo, REGISTRY.edit_spec(pair, source=spec.source, target=spec.target, steps=6, **IDLE[pair]),
-                inversion=inversion)
+    idle = edit(tiny, photo, REGISTRY.edit_spec(pair, source=spec.source, target=spec.target, steps=6, rounds=3,
+                                                **IDLE[pair]), inversion=inversion)
     assert edited.inversion.method == "spdinv" and len(edited.sites) > 0
     assert float((edited.latents[1] - idle.latents[1]).norm() / idle.latents[1].norm()) > 1e-4
 
