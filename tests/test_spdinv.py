@@ -138,8 +138,8 @@ def test_each_spdinv_pair_changes_the_target(tiny, photo, pair) -> None:
     # 3 rounds a step: the composition, not the convergence, is under test here
     spec = REGISTRY.edit_spec(pair, source="a round cake on a plate", target="a square cake on a plate", steps=6,
                               rounds=3)
-    inversion = edit(tiny, photo, spec).inversion
-    edited = edit(tiny, photo, spec, inversion=inversion)
+    edited = edit(tiny, photo, spec)
+    inversion = edited.inversion
     idle = edit(tiny, photo, REGISTRY.edit_spec(pair, source=spec.source, target=spec.target, steps=6, rounds=3,
                                                 **IDLE[pair]), inversion=inversion)
     assert edited.inversion.method == "spdinv" and len(edited.sites) > 0
