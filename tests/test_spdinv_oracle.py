@@ -12,8 +12,8 @@ leeruibin/SPDInv's run_SPDInv_P2P.py unchanged; 25 rounds, lr 1e-3, threshold 5e
   reproduces both final rows; the source row ends exactly on the VAE latent, as the reference's.
 
 The whole 50-step inversion, run once outside the suite, took the reference's rounds at every step
-and matched its trajectory to relative RMS 6.9e-6 at worst (docs/methods/spdinv.md). The README's
-tolerance is 1e-2 per row.
+and matched its trajectory to relative RMS 6.9e-6 at worst (docs/methods/spdinv.md). Measured edit:
+source row 0 (exact), target 2.9e-3. The README's tolerance is 1e-2 per row.
 """
 
 from __future__ import annotations
