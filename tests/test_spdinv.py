@@ -65,7 +65,8 @@ def test_every_step_reaches_the_fixed_point_threshold_or_the_round_limit(case) -
         with torch.no_grad():
             plain = ddim_inverse_step(z_prev, predict_noise(case["sd"], z_prev, t, case["src"]), t, schedule)
         ours = residual(case["sd"], z_prev, inv.trajectory[k + 1], t, case["src"], schedule)
-        assert ours <= residual(case["sd"], z_prev, plain, t, case["src"], schedule) * 1.01, k
+        # (at the clean end the plain step is already below the threshold; one AdamW round may move it there)
+        assert ours <= max(residual(case["sd"], z_prev, plain, t, case["src"], schedule) * 1.01, settings.threshold), k
     # measured: 1 round at the clean end, up to 25 at the noisy end
     assert rounds[0] < rounds[-1]
 
@@ -83,18 +84,18 @@ def test_reconstruction_beats_ddim_at_guidance_7_5(case) -> None:
     assert spd < 0.5 * ddim, (spd, ddim)
 
 
-def test_reference_pnp_quirk_only_shrinks_the_ddim_step(case) -> None:
-    """UNet at the step's start latent: F is a constant equal to the initial latent, the loss is 0 in
-    the first round, and AdamW's update is its weight decay alone, x (1 - lr wd)."""
+def test_reference_pnp_quirk_pulls_toward_a_constant_target(case) -> None:
+    """UNet at the step's plain DDIM latent z_ini: the target F(z_ini) is constant over the rounds, so
+    the first round's loss is mse(z_ini, F(z_ini)), computed here from the definition."""
     schedule = Schedule(3)
     task = InversionTask(case["z0"], case["src"], case["null"], schedule, W)
-    quirk = invert_spdinv(case["sd"], task, SPDInvSettings(unet_at_start=True))
-    assert quirk.cost.rounds_per_step == (1, 1, 1)
-    z = case["z0"]
+    quirk = invert_spdinv(case["sd"], task, SPDInvSettings(unet_at_start=True, rounds=2))
     for k, t in enumerate(reversed(schedule.timesteps)):
+        z_prev = quirk.trajectory[k]
         with torch.no_grad():
-            z = ddim_inverse_step(z, predict_noise(case["sd"], z, t, case["src"]), t, schedule) * (1 - 1e-3 * 1e-2)
-        torch.testing.assert_close(quirk.trajectory[k + 1], z, rtol=1e-6, atol=1e-6)
+            z_ini = ddim_inverse_step(z_prev, predict_noise(case["sd"], z_prev, t, case["src"]), t, schedule)
+            target = ddim_inverse_step(z_prev, predict_noise(case["sd"], z_ini, t, case["src"]), t, schedule)
+        assert quirk.losses[k][0] == pytest.approx(F.mse_loss(z_ini, target).item(), rel=1e-3, abs=1e-12), k
 
 
 def test_cost_counts_the_plain_steps_and_every_round(case) -> None:
