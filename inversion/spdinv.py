@@ -14,8 +14,8 @@ update) is below 5e-6. The editing loop then uses E(src) as the null embedding o
 negative-prompt inversion does (the reference's `npi_interp` slerps it towards E("")).
 
 As leeruibin/SPDInv `P2P/SPDInv.py` (`SPD_loop`). Its PnP script's copy (`P2P/SPDInv_for_PNP.py`)
-evaluates the UNet at z_ini instead of z inside the rounds, so the loss only pulls z back to the
-plain DDIM step (a near no-op); `unet_at_start` reproduces that, off by default.
+evaluates the UNet at z_ini instead of z inside the rounds, so the target F(z_ini) is a constant and
+the rounds never solve z = F(z); `unet_at_start` reproduces that, off by default.
 
 Only the latent receives gradients: the UNet's parameters are frozen for the duration
 (samplers.noise.frozen_weights), and every backward pass runs at batch 1.
@@ -57,8 +57,8 @@ class SPDInvSettings(Settings):
     interp: float = setting(0.0, "slerp the editing loop's null embedding from E(src) (0) towards E(\"\") (1), the "
                             "reference's npi_interp", flag="--spd-npi-interp", low=0.0, high=1.0)
     unet_at_start: bool = setting(False, "evaluate the UNet at the step's plain DDIM latent inside the rounds, as the "
-                                  "SPDInv project's PnP script does (its loss then only pulls back to DDIM; a near "
-                                  "no-op kept to reproduce that script); off = the method as published",
+                                  "SPDInv project's PnP script does (a constant target, so the rounds never solve the "
+                                  "fixed point; kept to reproduce that script); off = the method as published",
                                   flag="--spd-unet-at-start")
     checkpoint: bool = setting(False, "gradient checkpointing of the UNet in the backward passes (less activation "
                                "memory, one more forward pass per round)", flag="--spd-checkpoint")
