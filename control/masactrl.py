@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from control.base import ControllerBase
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling, refuse_idle, site_range
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling, refuse_idle, site_range
 from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, Row, RunInfo
 from ldm.model import ModelFacts
-from samplers.guidance import ClassifierFree
+from samplers.guidance import ClassifierFree, Guidance, RoleScales
+from samplers.prox import Proximal
 from samplers.settings import Alias, Settings, setting
 
 
@@ -59,6 +60,12 @@ class MasaCtrlSettings(Settings):
                                flag="--masactrl-layer", low=0)
     source_prompt: bool = setting(False, "invert and denoise the source branch with --source instead of the empty "
                                   "prompt (the reference uses \"\")", flag="--masactrl-source-prompt")
+    source_guidance: float | None = setting(None, "the source branch's own CFG scale (SPDInv's MasaCtrl: 1); default: "
+                                            "--guidance for both branches", flag="--masactrl-source-guidance")
+    prox: str | None = setting(None, "proximal guidance (ProxEdit) on the target branch alone, l0 or l1, as SPDInv's "
+                               "MasaCtrl pipeline runs it", flag="--masactrl-prox", choices=("l0", "l1"))
+    quantile: float = setting(0.6, "--masactrl-prox: the quantile of the target's |eps_c - eps_u| used as threshold",
+                              flag="--masactrl-quantile", low=0.0, high=1.0)
 
 
 def plan_masactrl(facts: ModelFacts, prompts: EditPrompts, settings: MasaCtrlSettings, sampling: Sampling) -> EditPlan:
@@ -72,7 +79,12 @@ def plan_masactrl(facts: ModelFacts, prompts: EditPrompts, settings: MasaCtrlSet
         refuse_idle(sampling, "masactrl", f"--masactrl-layer {settings.start_layer} is beyond the model's "
                     f"transformer blocks ({site_range(facts.attn_sites, 'index', 'self')})")
     controller = MutualSelfAttention(settings.start_step, settings.start_layer)
-    return EditPlan(BatchLayout.cfg(), texts, source, ClassifierFree(sampling.guidance), (controller,))
+    guidance: Guidance = ClassifierFree(sampling.guidance)
+    if settings.prox is not None:
+        guidance = Proximal(sampling.guidance, settings.quantile, settings.prox)  # type: ignore[arg-type]
+    if settings.source_guidance is not None:  # the source at its own scale, the rest (the target) as above
+        guidance = RoleScales(guidance, {"source": settings.source_guidance})
+    return EditPlan(BatchLayout.cfg(), texts, source, guidance, (controller,))
 
 
 METHOD = EditMethod(
@@ -82,4 +94,8 @@ METHOD = EditMethod(
     settings=MasaCtrlSettings,
     plan=plan_masactrl,
     aliases=(Alias("mutual-self-attention"),),
+    # as leeruibin/SPDInv run_SPDInv_MasaCtrl.py: the source prompt, guidance [1, w], l0 proximal
+    # guidance (quantile 0.6) on the target, E("") as its null embedding (npi_interp 1)
+    pairs=(Pair("spdinv+masactrl", "spdinv", {"interp": 1.0},
+                {"source_prompt": True, "source_guidance": 1.0, "prox": "l0", "quantile": 0.6}),),
 )

@@ -113,11 +113,14 @@ class Pair:
     inversion: the inversion method's name, None for the name's own first part; settings: the
     inversion settings (and run settings: guidance, steps) the name implies; with `pattern`, `name`
     is a regular expression matched against the whole pair name and `settings` a function of the
-    match (DirectInversion's guidance ablation, "directinversion+p2p_guidance_{i}_{f}")."""
+    match (DirectInversion's guidance ablation, "directinversion+p2p_guidance_{i}_{f}");
+    edit_settings: this method's settings the name implies (SPDInv's P2P runs with proximal and
+    inversion guidance, "spdinv+p2p")."""
 
     name: str
     inversion: str | None = None
     settings: Mapping[str, Any] | Callable[[re.Match[str]], Mapping[str, Any]] = field(default_factory=dict)
+    edit_settings: Mapping[str, Any] = field(default_factory=dict)
     pattern: bool = False
 
     def match(self, name: str) -> dict[str, Any] | None:

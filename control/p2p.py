@@ -199,6 +199,13 @@ class P2PSettings(Settings):
                                choices=("l0", "l1"))
     quantile: float = setting(0.75, "proximal guidance: the quantile of |eps_c - eps_u| used as threshold",
                               low=0.0, high=1.0)
+    inversion_guidance: int = setting(0, "proximal guidance: below this timestep pull the latents back to the "
+                                      "inversion trajectory where the thresholded direction is small (ProxEdit's "
+                                      "inversion guidance; SPDInv's P2P uses 400); 0: off", metavar="T", low=0)
+    recon_lr: float = setting(1.0, "inversion guidance: the fraction of the way back to the trajectory", low=0.0,
+                              high=1.0)
+    replace_if_same_length: bool = setting(False, "the replace mapper when the prompts have the same number of "
+                                           "words, else refine (the edit-friendly reference's choice)")
     blend_start: float = setting(0.2, "LocalBlend starts after this fraction of the run", low=0.0, high=1.0)
     blend_threshold: float = setting(0.3, "LocalBlend mask threshold on the max-normalised attention", low=0.0, high=1.0)
     blend_level: int = setting(2, "UNet level whose cross-attention maps LocalBlend reads (2 = 16x16 at 512 px)", low=0)
@@ -207,6 +214,8 @@ class P2PSettings(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.inversion_guidance and self.prox is None:
+            raise UsageError("--inversion-guidance reads proximal guidance's thresholded direction; give --prox too")
         for flag, window in (("--cross", self.cross), ("--self", self.self_), *(
                 (f"--cross-word {w}", b) for w, b in (self.cross_words or {}).items())):
             if isinstance(window, tuple) and window[0] > window[1]:
@@ -216,7 +225,7 @@ class P2PSettings(Settings):
 def make_p2p(tokenizer: Tokenizer, source: str, target: str, num_steps: int, settings: P2PSettings) -> PromptToPrompt:
     """The reference's make_controller: refine (or replace), wrapped in reweight when a blend word or
     explicit weights are given, sharing one LocalBlend. Absent words are errors, not no-ops."""
-    if settings.replace:
+    if settings.replace or (settings.replace_if_same_length and len(source.split(" ")) == len(target.split(" "))):
         edit: CrossEdit = AttentionReplace(replacement_mapper(tokenizer, source, target))
     else:
         edit = AttentionRefine(*refinement_mapper(tokenizer, source, target))
@@ -274,7 +283,8 @@ def guidance_of(settings: P2PSettings, scale: float) -> Guidance:
     """Plain CFG, or ProxEdit's proximal guidance when --prox is given."""
     if settings.prox is None:
         return ClassifierFree(scale)
-    return Proximal(scale, settings.quantile, settings.prox)  # type: ignore[arg-type]
+    return Proximal(scale, settings.quantile, settings.prox, settings.inversion_guidance,  # type: ignore[arg-type]
+                    settings.recon_lr)
 
 
 def plan_p2p(facts: ModelFacts, prompts: EditPrompts, settings: P2PSettings, sampling: Sampling) -> EditPlan:
@@ -303,6 +313,12 @@ METHOD = EditMethod(
     aliases=(Alias("p2p-refine"), Alias("p2p-replace", {"replace": True}), Alias("prompt-to-prompt"),
              Alias("proximal-guidance", {"prox": "l0"})),
     # the reference runner's guidance ablation: DirectInversion inverted under CFG scale i, offsets
-    # and edit at f (tokens 0, 1, 25, 5, 75 = 0, 1, 2.5, 5, 7.5)
-    pairs=(Pair(r"directinversion\+p2p_guidance_(0|1|25|5|75)_(0|1|25|5|75)", "direct", guidance_pair, pattern=True),),
+    # and edit at f (tokens 0, 1, 25, 5, 75 = 0, 1, 2.5, 5, 7.5); SPDInv's and edit-friendly's pairs
+    # as leeruibin/SPDInv run_SPDInv_P2P.py (P2P/ptp_utils.py diffusion_step) and PnP Inversion's
+    # run_editing_edit_friendly_p2p.py (models/edit_friendly_ddm/ptp_classes.py: self at <= 16x16)
+    pairs=(Pair(r"directinversion\+p2p_guidance_(0|1|25|5|75)_(0|1|25|5|75)", "direct", guidance_pair, pattern=True),
+           Pair("spdinv+p2p", "spdinv", edit_settings={"prox": "l0", "quantile": 0.7, "inversion_guidance": 400,
+                                                        "cross": 0.8}),
+           Pair("edit-friendly-inversion+p2p", "edit-friendly",
+                edit_settings={"replace_if_same_length": True, "self_min_level": 2})),
 )

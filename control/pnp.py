@@ -18,13 +18,13 @@ reconstruction one step late and starts the target one step in (an off-by-one): 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from torch import Tensor
 
 from control.base import ControllerBase, StepWindow, replace_rows
-from control.method import EditMethod, EditPlan, EditPrompts, Sampling, refuse_idle
+from control.method import EditMethod, EditPlan, EditPrompts, Pair, Sampling, refuse_idle
 from control.record import TrajectoryRecorder
 from kernels.attention import fused_attention_rows
 from ldm.context import AttnContext, AttnSite, BatchLayout, ResSite, Row, RunInfo
@@ -122,7 +122,9 @@ def plan_pnp(facts: ModelFacts, prompts: EditPrompts, settings: PnPSettings, sam
         if feed == "auto":
             feed = "trajectory" if inversion.exact_source else "reconstruction"
         if feed == "trajectory":
-            return inversion
+            # the target's uncond row is the negative prompt whatever null embeddings the inversion
+            # carries (SPDInv's E(src) are for P2P's rows)
+            return replace(inversion, null_embeddings=None)
         return reconstruction_feed(sd, inversion, embeddings[prompts.source], feed == "reconstruction-shifted", progress)
 
     layout = BatchLayout((Row("reference", "cond"), Row("target", "uncond"), Row("target", "cond")))
@@ -135,5 +137,8 @@ METHOD = EditMethod(
     settings=PnPSettings,
     plan=plan_pnp,
     aliases=(Alias("plug-and-play"),),
-    inversions=("ddim", "direct"),
+    inversions=("ddim", "direct", "spdinv"),
+    # SPDInv's PnP script indexes the latents it hands PnP per step (noisy_latent[-1 - i]), i.e. its
+    # inversion trajectory; it passes a single latent there, which fails at the second step
+    pairs=(Pair("spdinv+pnp", "spdinv", edit_settings={"reference_feed": "trajectory"}),),
 )

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from control import masactrl, p2p, pix2pix_zero, plain, pnp, stylediffusion as stylediffusion_p2p
 from control.method import EditMethod
-from inversion import ddim, direct, edict, negative_prompt, null_text, stylediffusion
+from inversion import ddim, direct, edict, edit_friendly, negative_prompt, null_text, spdinv, stylediffusion
 from inversion import pix2pix_zero as pix2pix_zero_inversion
 from inversion.method import InversionMethod
 from evaluation.api import EditSpec, InversionSpec
@@ -35,6 +35,8 @@ INVERSIONS: tuple[InversionMethod, ...] = (
     stylediffusion.METHOD,
     pix2pix_zero_inversion.METHOD,
     edict.METHOD,
+    spdinv.METHOD,
+    edit_friendly.METHOD,
 )
 EDITS: tuple[EditMethod, ...] = (
     p2p.METHOD,
@@ -128,7 +130,7 @@ class Registry:
                     choice = self.inversion(known.inversion or inv)
                     own = _split(choice.method, settings)
                     implied = Choice(choice.method, {**choice.settings, **own.settings}, {**choice.run, **own.run})
-                    return PairChoice(implied, Choice(method))
+                    return PairChoice(implied, _split(method, known.edit_settings))
         return PairChoice(self.inversion(inv), self.edit(edit))
 
     def aliases(self) -> list[tuple[str, str, Alias]]:

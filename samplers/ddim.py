@@ -50,3 +50,32 @@ def ddim_inverse_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule) -
     from ab[0] = 0.99915, not 1, because set_alpha_to_one is False.
     """
     return _move(sample, eps, schedule.alpha(inversion_start(t, schedule)), schedule.alpha(t))
+
+
+def ddpm_variance(t: int, schedule: Schedule) -> Tensor:
+    """sigma_t^2 / eta^2 of eq. 16: (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev), float32 0-d."""
+    a_t, a_prev = schedule.alpha(t), schedule.alpha(schedule.prev(t))
+    return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+
+
+def ddpm_mean(sample: Tensor, eps: Tensor, t: int, schedule: Schedule, eta: float) -> Tensor:
+    """The stochastic step's mean (eq. 12 with eta > 0): sqrt(ab_prev) x0 + sqrt(1 - ab_prev - eta var) eps.
+
+    `eta var`, not eta^2 var, as the edit-friendly reference writes it (the same for its eta = 1)."""
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    a_t = schedule.alpha(t).to(sample.device, dtype)
+    a_prev = schedule.alpha(schedule.prev(t)).to(sample.device, dtype)
+    var = ddpm_variance(t, schedule).to(sample.device, dtype)
+    x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev - eta * var) ** 0.5 * eps
+
+
+def ddpm_sigma(t: int, schedule: Schedule, eta: float) -> Tensor:
+    """eta * sqrt(var): the scale of the noise map added after the mean."""
+    return eta * ddpm_variance(t, schedule) ** 0.5
+
+
+def ddpm_step(sample: Tensor, eps: Tensor, t: int, schedule: Schedule, eta: float, noise: Tensor) -> Tensor:
+    """One stochastic denoising step with a given noise map: mean + eta sqrt(var) noise (eq. 12, 16)."""
+    sigma = ddpm_sigma(t, schedule, eta).to(sample.device, torch.promote_types(sample.dtype, torch.float32))
+    return ddpm_mean(sample, eps, t, schedule, eta) + sigma * noise.to(sample)

@@ -10,7 +10,7 @@ batch-wide quantile of eps_c - eps_u, samplers/prox.py) or gives each role its o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -22,6 +22,17 @@ from samplers.noise import cfg
 class Guidance(Protocol):
     def combine(self, uncond: Tensor, cond: Tensor, roles: Sequence[Role], ctx: AttnContext) -> Tensor:
         """uncond, cond: (R, C, h, w), one row per guided role, in `roles` order -> guided eps (R, C, h, w)."""
+        ...
+
+
+@runtime_checkable
+class PullsBack(Protocol):
+    """A guidance that also pulls the stepped latents back toward the inversion trajectory after the
+    step (ProxEdit's inversion guidance, samplers/prox.py), from the same predictions."""
+
+    def pull_back(self, uncond: Tensor, cond: Tensor, ctx: AttnContext, latents: Tensor, pivot: Tensor) -> Tensor:
+        """uncond, cond: (R, C, h, w) of the guided roles; latents: (R, C, h, w) after the step;
+        pivot: (1, C, h, w) the trajectory's latent the step should reach -> the pulled latents."""
         ...
 
 
@@ -42,6 +53,27 @@ class ClassifierFree:
             return cfg(uncond, cond, scales[0])
         w = torch.tensor(scales, dtype=uncond.dtype, device=uncond.device).view(-1, 1, 1, 1)  # (R, 1, 1, 1)
         return cfg(uncond, cond, w)
+
+
+@dataclass(frozen=True)
+class RoleScales:
+    """Some roles at their own plain CFG scale, the others as `inner` guides them (computed over
+    those roles only): edit-friendly's source at 1 beside the edit's target guidance, SPDInv's
+    MasaCtrl [1, w] with proximal guidance on the target alone."""
+
+    inner: Guidance
+    scales: Mapping[Role, float]
+
+    def combine(self, uncond: Tensor, cond: Tensor, roles: Sequence[Role], ctx: AttnContext) -> Tensor:
+        own = [i for i, r in enumerate(roles) if r in self.scales]
+        rest = [i for i, r in enumerate(roles) if r not in self.scales]
+        out = torch.empty_like(cond)
+        if rest:
+            out[rest] = self.inner.combine(uncond[rest], cond[rest], [roles[i] for i in rest], ctx)
+        if own:
+            w = torch.tensor([self.scales[roles[i]] for i in own], dtype=uncond.dtype, device=uncond.device)
+            out[own] = cfg(uncond[own], cond[own], w.view(-1, 1, 1, 1))  # (R', 1, 1, 1) per-row scales
+        return out
 
 
 @dataclass(frozen=True)
@@ -67,6 +99,10 @@ class GuidedRows:
                 single[r] = rows[0]
         return cls(roles, guided, tuple(layout.index(r, "uncond") for r in guided),
                    tuple(layout.index(r, "cond") for r in guided), single)
+
+    def split(self, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(uncond, cond) predictions of the guided roles, (R', C, h, w) each."""
+        return eps[list(self.uncond_rows)], eps[list(self.cond_rows)]
 
     def eps(self, eps: Tensor, guidance: Guidance, ctx: AttnContext) -> Tensor:
         """The noise prediction of each stepped role, stacked (R, C, h, w); eps has one row per layout row."""

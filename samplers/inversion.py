@@ -9,7 +9,10 @@ the method, per-step state the loop applies:
 - `values`: a per-step value input of cross-attention for the conditional rows (StyleDiffusion's
   learned mapping, as an affine modulation of each row's own text embedding);
 - `partner`: EDICT's second sequence at z_T (its coupled pair is (trajectory[-1], partner), which
-  only EDICT's own sampler, samplers/edict.py, denoises).
+  only EDICT's own sampler, samplers/edict.py, denoises);
+- `noise`: per-step noise maps for a stochastic (DDPM, eta > 0) step of every stepped row
+  (edit-friendly DDPM inversion), with `start`, the first denoising step the loop runs, and
+  `source_guidance`, the CFG scale the source branch must be stepped with to follow the trajectory.
 It also records what it cost (`InversionCost`) and its settings, for run.json and inversion files.
 
 `state_tensors()` names the per-step state as stacked tensors, the keys an inversion file holds
@@ -59,6 +62,20 @@ class Correction:
         if w == 1.0:
             return value.expand_as(latent).clone()
         return latent + w * (value - latent)
+
+
+@dataclass(frozen=True)
+class StepNoise:
+    """Noise maps for the stochastic DDIM step (Song et al. 2021, eq. 12 with eta > 0): denoising
+    step i adds eta * sigma_i * maps[i - start] to every stepped row, after the step's mean
+    (samplers.ddim.ddpm_step). Edit-friendly DDPM inversion extracts the maps so that the source
+    branch lands on its noised latents (docs/methods/edit-friendly.md).
+
+    eta: the reference's eta (1: DDPM's variance); maps: one (1, C, h, w) tensor per step run.
+    """
+
+    eta: float
+    maps: tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,9 @@ class Inversion:
     null_roles: tuple[Role, ...] | None = None
     corrections: Correction | None = None
     values: ValueModulation | None = None
+    noise: StepNoise | None = None
+    start: int = 0
+    source_guidance: float | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     cost: InversionCost = InversionCost()
     losses: tuple[tuple[float, ...], ...] | None = None
@@ -150,6 +170,10 @@ class Inversion:
         n = self.steps
         if n < 1:
             raise ValueError("an inversion needs a trajectory of at least two latents")
+        if not 0 <= self.start < n:
+            raise ValueError(f"start step {self.start} outside 0..{n - 1}")
+        if self.noise is not None and len(self.noise.maps) != n - self.start:
+            raise ValueError(f"{len(self.noise.maps)} noise maps for the {n - self.start} steps run")
         for name, values in (("null_embeddings", self.null_embeddings),
                              ("corrections", None if self.corrections is None else self.corrections.values),
                              ("values", None if self.values is None else self.values.scale)):
@@ -172,8 +196,9 @@ class Inversion:
 
     @property
     def z_T(self) -> Tensor:
-        """(1, 4, h, w) start latent of the editing loop."""
-        return self.trajectory[-1]
+        """(1, 4, h, w) start latent of the editing loop: L[-1], or L[-1-start] when the loop
+        starts later (edit-friendly's skip)."""
+        return self.trajectory[-1 - self.start]
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -194,7 +219,8 @@ class Inversion:
 
         null_embeddings (steps, 1, 77, C); offsets (steps, 1, 4, h, w) for an offset correction
         (target_offsets for the target's, DirectInversion's add-target / add-source ablations);
-        value_scale, value_shift (steps, 1, 77, C) for a value modulation. A pivot correction is
+        value_scale, value_shift (steps, 1, 77, C) for a value modulation; noise_maps
+        (steps - start, 1, 4, h, w) for a stochastic step. A pivot correction is
         the trajectory itself and is not stored again.
         """
         out: dict[str, Tensor] = {}
@@ -207,4 +233,6 @@ class Inversion:
         if self.values is not None:
             out["value_scale"] = torch.stack([a.detach().float().cpu() for a in self.values.scale])
             out["value_shift"] = torch.stack([b.detach().float().cpu() for b in self.values.shift])
+        if self.noise is not None:
+            out["noise_maps"] = torch.stack([z.detach().float().cpu() for z in self.noise.maps])
         return out

@@ -12,10 +12,16 @@ Per step i (timestep t = schedule.timesteps[i]):
      discarded), without autograd; with the inversion's value modulation (StyleDiffusion) on the
      cond rows it names
   4. guidance over each stepped role's uncond/cond rows (samplers/guidance.py)
-  5. ddim_step of every stepped role
+  5. ddim_step of every stepped role, or, when the inversion supplies noise maps (edit-friendly
+     DDPM inversion), the stochastic step with the step's map added to every stepped row;
+     then a guidance that pulls back (ProxEdit's inversion guidance) pulls toward inversion.pivot(i+1)
   6. inversion.corrections on its role (DirectInversion: source rows only; its ablations may
      add offsets to other roles too)
   7. latents = controller.end_step(ctx, latents) for each controller in turn (LocalBlend)
+An inversion with `start` > 0 begins at grid step `start` from its latent there; controllers, hooks
+and `ctx.step` count the steps run from 0 (the reference's controllers count the calls they see),
+while `num_steps` stays the grid's length. An inversion's `source_guidance` fixes the source role's
+CFG scale (samplers.guidance.RoleScales).
 Null-text / negative-prompt inversion: the uncond rows (of every role unless the inversion names
 `null_roles`, as the reference does) take inversion.null_embeddings[i] instead of their own.
 
@@ -34,8 +40,8 @@ from tqdm.auto import tqdm
 
 from ldm.context import AttnContext, BatchLayout, Controller, Role, Row, RunInfo
 from ldm.model import StableDiffusion
-from samplers.ddim import ddim_step
-from samplers.guidance import ClassifierFree, GuidedRows, Guidance
+from samplers.ddim import ddim_step, ddpm_step
+from samplers.guidance import ClassifierFree, GuidedRows, Guidance, PullsBack, RoleScales
 from samplers.inversion import Inversion
 from samplers.noise import predict_noise
 from samplers.schedule import Schedule
@@ -146,6 +152,9 @@ def denoise(
     steps: defaults to the inversion's length, else 50; `schedule` overrides both.
     """
     guidance = ClassifierFree(float(guidance)) if isinstance(guidance, (int, float)) else guidance
+    if inversion is not None and inversion.source_guidance is not None and "source" in layout.stepped_roles:
+        guidance = RoleScales(guidance, {"source": inversion.source_guidance})
+    pulls = isinstance(guidance, PullsBack) and inversion is not None
     schedule = _schedule(inversion, steps, schedule)
     roles = layout.stepped_roles
     if not roles:
@@ -171,6 +180,8 @@ def denoise(
     null_rows = [layout.index(r, "uncond") for r in null_roles if layout.has(r, "uncond")]
     use_nulls = inversion is not None and inversion.null_embeddings is not None and bool(null_rows)
     rows = GuidedRows.of(layout)
+    if pulls and rows.guided != roles:
+        raise ValueError(f"{type(guidance).__name__} pulls back every stepped role; {layout} has unguided ones")
     corrections = inversion.corrections if inversion is not None else None
     if corrections is not None and corrections.role not in roles:
         corrections = None  # e.g. Plug-and-Play: the source is a reference row, fed the trajectory itself
@@ -181,9 +192,12 @@ def denoise(
     for part in (*controllers, *hooks):
         part.start(run)
 
+    start = inversion.start if inversion is not None else 0
+    noise = inversion.noise if inversion is not None else None
     calls = 0
-    for i, t in enumerate(tqdm(schedule.timesteps, desc=desc, disable=not progress, leave=False)):
-        ctx = AttnContext(step=i, timestep=t, num_steps=schedule.steps, layout=layout, controllers=controllers)
+    for i, t in enumerate(tqdm(schedule.timesteps[start:], desc=desc, disable=not progress, leave=False), start):
+        ran = i - start  # what controllers and hooks see as the step
+        ctx = AttnContext(step=ran, timestep=t, num_steps=schedule.steps, layout=layout, controllers=controllers)
         for controller in controllers:
             controller.begin_step(ctx)
         c = context
@@ -193,7 +207,7 @@ def denoise(
         inputs = None
         if hooks:
             pivot = inversion.pivot(i) if inversion is not None else None
-            state = StepState(i, t, schedule.steps, layout, latents, c, pivot)
+            state = StepState(ran, t, schedule.steps, layout, latents, c, pivot)
             with torch.enable_grad():
                 for hook in hooks:
                     state = hook.before_unet(sd, state)
@@ -207,7 +221,13 @@ def denoise(
         eps = predict_noise(sd, x, t, c, ctx)
         calls += 1
         e = rows.eps(eps, guidance, ctx)  # (R, 4, h, w)
-        latents = ddim_step(latents, e, t, schedule)
+        if noise is None:
+            latents = ddim_step(latents, e, t, schedule)
+        else:  # the same map on every stepped row
+            latents = ddpm_step(latents, e, t, schedule, noise.eta, noise.maps[ran])
+        if pulls:
+            u, c_ = rows.split(eps)
+            latents = guidance.pull_back(u, c_, ctx, latents, inversion.pivot(i + 1))  # type: ignore[union-attr]
         if corrections is not None:
             k = correct_row
             latents[k : k + 1] = corrections.apply(i, latents[k : k + 1])
