@@ -164,3 +164,43 @@ def test_local_blend_reads_the_24x24_maps_of_a_768_px_image():
     expected = torch.zeros(96, 96, dtype=torch.bool)
     expected[9 * 4 : 12 * 4, 4 * 4 : 7 * 4] = True
     assert torch.equal(mask[1, 0], expected) and torch.equal(mask[0, 0], expected)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A random CLIP ViT as wide as the tiny SD-2 UNet's context (32), for StyleDiffusion's image tokens."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(path)
+    return path
+
+
+# the inversions and editing methods that read the UNet in other ways than the loop's DDIM step:
+# SPDInv's fixed point (gradients into the latent), edit-friendly's noise maps and late start,
+# EDICT's coupled pair in float64, pix2pix-zero's shifted inversion grid and its cross-attention
+# guidance, StyleDiffusion's trained value input; each with few rounds, as its own tests do
+LATER = [
+    ("spdinv+p2p", {"rounds": 2}),
+    ("spdinv+masactrl", {"rounds": 2, "start_step": 1}),
+    ("edit-friendly-inversion+p2p", {"skip": 2}),
+    ("edict+direct_forward", {}),
+    ("pix2pix-zero-inversion+pix2pix-zero", {}),
+    ("stylediffusion+p2p", {"inner_steps": 2}),
+]
+
+
+@pytest.mark.parametrize("method,settings", LATER, ids=[m for m, _ in LATER])
+def test_the_gradient_noise_and_coupled_methods_edit_on_the_tiny_sd2_model(sd, image, clip_dir, method, settings):
+    """v-prediction reaches every one of them through predict_noise: the run is finite, the target
+    moves away from the source branch."""
+    if method.startswith("stylediffusion"):
+        settings = {**settings, "clip_vision": str(clip_dir)}
+    spec = REGISTRY.edit_spec(method, source=SRC, target=TGT, steps=STEPS, **settings)
+    result = edit(sd, image, spec)
+    out = result.latents
+    assert torch.isfinite(out).all() and np.isfinite(result.edited).all()
+    assert float((out[-1] - out[0]).norm() / out[0].norm()) > 1e-2

@@ -29,7 +29,7 @@ from samplers.ddim import ddim_inverse_step
 from samplers.loop import denoise
 from samplers.noise import predict_noise
 from samplers.schedule import Schedule
-from tests.oracle_fixtures import ORACLE, SOURCE, TARGET
+from tests.oracle_fixtures import ORACLE, SOURCE
 from tests.test_loop import SMALL
 
 STEPS = 20

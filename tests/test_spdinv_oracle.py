@@ -18,7 +18,6 @@ source row 0 (exact), target 2.9e-3. The README's tolerance is 1e-2 per row.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
