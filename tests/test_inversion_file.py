@@ -86,3 +86,27 @@ def test_the_restored_state_is_the_saved_state(null_text_file, tmp_path):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["inversion"]["method"] == "null-text" and run["inversion"]["from_file"] == str(null_text_file)
     assert run["metrics"]["unet_rows"] == {"edit": 2 * 4, "total": 2 * 4}  # no inversion pass at all
+
+
+@pytest.mark.parametrize("options", [
+    ["--inversion", "spdinv", "--spd-rounds", "2"],
+    ["--inversion", "edit-friendly", "--ef-skip", "1"],
+], ids=["spdinv", "edit-friendly"])
+def test_a_file_of_a_method_with_its_own_trajectory_edits_like_inverting_in_the_same_run(tmp_path, options):
+    """SPDInv's optimised trajectory and null embeddings, edit-friendly's noised latents and noise
+    maps: `invert` then `edit --inversion-file` lands on the latents of one `edit` that inverts
+    itself (both at --steps 3), and the edit from the file runs no inversion pass."""
+    import numpy as np
+
+    common = [*COMMON[:-3], "--steps", "3", "--no-progress"]
+    path = tmp_path / "inv.safetensors"
+    assert cli.main(["invert", *common, "--prompt", SRC, *options, "-o", str(path)]) == 0
+    edit = ["edit", *common, "--source", SRC, "--target", TGT, "--save-latents"]
+    assert cli.main([*edit, *options, "-o", str(tmp_path / "once")]) == 0
+    assert cli.main([*edit, "--inversion-file", str(path), "-o", str(tmp_path / "file")]) == 0
+    once = np.load(tmp_path / "once" / "latents" / "final.npy")
+    from_file = np.load(tmp_path / "file" / "latents" / "final.npy")
+    assert np.abs(from_file - once).max() <= 1e-5 * np.abs(once).max()
+    run = json.loads((tmp_path / "file" / "run.json").read_text())
+    assert run["inversion"]["method"] == options[1]
+    assert set(run["metrics"]["unet_rows"]) == {"edit", "total"}  # no inversion stage
