@@ -32,7 +32,7 @@ def thumbnail(image: np.ndarray, width: int) -> np.ndarray:
 
 def sheet_row(item: PieItem, runs: str | os.PathLike[str], methods: Sequence[str], width: int) -> np.ndarray:
     """[source | edit per method] of one photo, captioned."""
-    source = read_rgb(item.image_path)
+    source = read_rgb(item.image_path, orient=False)
     tiles, captions = [thumbnail(source, width)], [f"{item.id}: {item.target_prompt}"]
     for method in methods:
         path = find_edit(runs, method, item)

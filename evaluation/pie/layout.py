@@ -79,7 +79,7 @@ def find_edit(runs: str | os.PathLike[str], method: str, item: PieItem) -> Path 
 def read_edit(path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 edit of a source of size (H, W); from a wider strip of panels of that height
     the right-most H x W block, as the reference's evaluator crops its 4-panel results."""
-    image = read_rgb(path)
+    image = read_rgb(path, orient=False)  # our own outputs carry no orientation tag
     height, width = size
     if image.shape[:2] == (height, width):
         return image

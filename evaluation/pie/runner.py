@@ -128,7 +128,7 @@ class ItemRunner:
         timer = StageTimer()
         try:
             with timer("load_image"):
-                image = load_image(item.image_path, self.settings.size)
+                image = load_image(item.image_path, self.settings.size, orient=False)  # pixels as stored, as the reference reads PIE-Bench
         except Exception as err:  # every method of the item fails the same way; the run goes on
             if self.settings.stop_on_error:
                 raise

@@ -80,7 +80,7 @@ def _edit_metric(scorers: Scorers, source: _Source, edit: np.ndarray, metric: st
 
 
 def _source(item: PieItem, metrics: Sequence[str], scorers: Scorers) -> _Source:
-    image = read_rgb(item.image_path)
+    image = read_rgb(item.image_path, orient=False)  # as the runner and the reference read it
     mask = item.mask()
     if mask is not None and mask.shape != image.shape[:2]:
         raise DataError(
