@@ -25,6 +25,7 @@ from PIL import Image
 
 import cli
 from ldm.tokenizer import Tokenizer
+from tests.test_words import offsets_positions  # each word's positions from the tokenizer's offsets
 
 RUN = ["--model", "tiny-random", "--size", "64", "--steps", "2", "--no-progress"]
 CHEAP = ["--inversion", "ddim"]  # the runs that compute: the cheapest inversion
@@ -159,16 +160,6 @@ def test_an_absent_or_unknown_device_names_the_devices_there_are(device, photo, 
 
 
 # 6. accented and non-Latin words, positions against the tokenizer's own offsets
-def offsets_positions(prompt: str) -> list[list[int]]:
-    tok = Tokenizer.bundled()
-    offsets = tok.hf(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    spans, at = [], 0
-    for w in prompt.split(" "):
-        spans.append((at, at + len(w)))
-        at += len(w) + 1
-    return [[i + 1 for i, (s, _) in enumerate(offsets) if a <= s < b] for a, b in spans]
-
-
 @pytest.mark.parametrize("source,target,extra", [
     ("a crème brûlée on a plate", "a crème brûlée on a Straße", []),  # refine
     ("a café in Köln", "a café in 東京", ["--replace"]),
@@ -181,7 +172,7 @@ def test_accented_and_non_latin_prompts_edit_on_their_own_tokens(source, target,
     record = json.loads((out / "run.json").read_text())
     words = record["edits"][0]["words"]
     assert [w for w, _ in words] == target.split(" ")
-    assert [p for _, p in words] == offsets_positions(target)
+    assert [p for _, p in words] == offsets_positions(Tokenizer.bundled(), target)
     assert record["metrics"]["sites_touched"] > 0
 
 

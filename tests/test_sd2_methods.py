@@ -27,6 +27,7 @@ from ldm.config import SD14, SD20_BASE, SD20_V, SD21_V, SDConfig
 from ldm.context import AttnContext, RunInfo
 from ldm.model import ModelFacts, StableDiffusion, open_model
 from ldm.tokenizer import Tokenizer
+from tests.test_stylediffusion import clip_dir  # noqa: F401 (a fixture: a tiny CLIP ViT as wide as the context)
 
 REGISTRY = Registry()
 SRC = "a round cake with orange frosting on a wooden plate"
@@ -164,19 +165,6 @@ def test_local_blend_reads_the_24x24_maps_of_a_768_px_image():
     expected = torch.zeros(96, 96, dtype=torch.bool)
     expected[9 * 4 : 12 * 4, 4 * 4 : 7 * 4] = True
     assert torch.equal(mask[1, 0], expected) and torch.equal(mask[0, 0], expected)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random CLIP ViT as wide as the tiny SD-2 UNet's context (32), for StyleDiffusion's image tokens."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    path = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    CLIPVisionModel(config).save_pretrained(path)
-    return path
 
 
 # the inversions and editing methods that read the UNet in other ways than the loop's DDIM step:
