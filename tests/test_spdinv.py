@@ -142,7 +142,7 @@ def test_each_spdinv_pair_changes_the_target(tiny, photo, pair) -> None:
     edited = edit(tiny, photo, spec)
     inversion = edited.inversion
     idle = edit(tiny, photo, REGISTRY.edit_spec(pair, source=spec.source, target=spec.target, steps=6, rounds=3,
-                                                **IDLE[pair]), inversion=inversion)
+                                                allow_idle=True, **IDLE[pair]), inversion=inversion)
     assert edited.inversion.method == "spdinv" and len(edited.sites) > 0
     assert float((edited.latents[1] - idle.latents[1]).norm() / idle.latents[1].norm()) > 1e-4
 
