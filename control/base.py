@@ -84,7 +84,13 @@ class ControllerBase:
     and `end_step` return their input. `touched` is a report for users and tests (the references'
     commonest silent failure is an edit that changes nothing); decisions never depend on it.
     Subclasses that keep state clear it in `start`, calling `super().start(run)`.
+
+    `reads_uncond_rows`: whether the controller reads or edits any unconditional row. A controller
+    that only touches conditional rows says False, which lets the editing API drop an uncond row
+    whose prediction nothing uses (evaluation.api.lean_layout); the safe default is True.
     """
+
+    reads_uncond_rows: bool = True
 
     def __init__(self) -> None:
         self.touched: set[tuple[str, int, str]] = set()

@@ -90,6 +90,8 @@ class AttentionReweight:
 class PromptToPrompt(ControllerBase):
     """The P2P controller: self replacement, cross edit, and an optional LocalBlend."""
 
+    reads_uncond_rows = False  # the references edit and store the conditional half only
+
     def __init__(
         self,
         edit: CrossEdit,
@@ -114,7 +116,7 @@ class PromptToPrompt(ControllerBase):
         self.self_rows = (run.row_index(qk), run.row_index(qk), run.row_index(rows))  # target reads Q, K of the source
         self.alpha_device = self.cross_alpha.to(run.device)
         if self.local_blend is not None:
-            self.local_blend.start()
+            self.local_blend.start(run.device)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, site: AttnSite, ctx: AttnContext) -> Tensor | None:
         if site.kind == "self":

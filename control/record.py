@@ -19,6 +19,8 @@ from ldm.context import AttnContext, AttnSite, Role, RunInfo
 
 
 class CrossMapRecorder(ControllerBase):
+    reads_uncond_rows = False  # one role's conditional row
+
     def __init__(self, role: Role = "target", level: int = 2) -> None:
         super().__init__()
         self.role: Role = role

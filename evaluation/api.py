@@ -31,9 +31,10 @@ from control.words import strip_brackets, token_ids
 from evaluation.images import check_image, decode, encode, to_tensor
 from evaluation.timing import StageTimer
 from inversion.method import InversionMethod, InversionTask
-from ldm.context import BatchLayout, Row
+from ldm.context import BatchLayout, Controller, Row
 from ldm.errors import PromptError, UsageError
 from ldm.model import StableDiffusion
+from samplers.guidance import ClassifierFree
 from samplers.inversion import Inversion
 from samplers.loop import denoise
 from samplers.schedule import Schedule
@@ -241,10 +242,11 @@ def edit(
         with timer("prepare"):
             feed = plan.prepare(sd, inversion, embeddings, progress)
     recorder = CrossMapRecorder("target")
+    controllers = (recorder, *plan.controllers)
     texts = {row: embeddings[text] for row, text in plan.prompts.items()}
     sample = spec.inversion.sampler or denoise  # EDICT denoises its coupled pair with its own sampler
     with timer("edit"):
-        out = sample(sd, plan.layout, texts, inversion=feed, controllers=(recorder, *plan.controllers),
+        out = sample(sd, lean_layout(plan, feed, controllers), texts, inversion=feed, controllers=controllers,
                       guidance=plan.guidance, hooks=plan.hooks, progress=progress, desc="edit")
     rows["edit"] = out.unet_rows + sum(getattr(hook, "unet_rows", 0) for hook in plan.hooks)
     if plan.prepare is not None and feed is not inversion:
@@ -261,6 +263,25 @@ def edit(
         attention=recorder.mean_maps(), sites=tuple(f"{kind}:{index}:{name}" for kind, index, name in sites),
         unet_rows={**rows, "total": sum(rows.values())}, timings=timer.as_dict(),
     )
+
+
+def lean_layout(plan: EditPlan, inversion: Inversion, controllers: tuple[Controller, ...]) -> BatchLayout:
+    """The plan's rows less those whose prediction nothing uses.
+
+    When the inversion replaces every step of a role (fused DirectInversion puts the source on the
+    trajectory whatever its step computed), that role's noise prediction is discarded, and its
+    unconditional row served nothing but that prediction's guidance. Dropped when nothing else can
+    see it: no controller reads unconditional rows (P2P and LocalBlend edit and store the
+    conditional half only, as the references do), no step hook runs, and the guidance combines each
+    role on its own (plain CFG; proximal guidance thresholds across the whole batch). The role's
+    conditional row stays: the controllers read its attention. A DirectInversion + P2P edit is
+    then 3 UNet rows a step instead of 4, with the same outputs (docs/performance.md)."""
+    role = inversion.unpredicted_role
+    if (role is None or not plan.layout.has(role, "uncond") or plan.hooks
+            or not isinstance(plan.guidance, ClassifierFree)
+            or any(getattr(c, "reads_uncond_rows", True) for c in controllers)):
+        return plan.layout
+    return plan.layout.without(Row(role, "uncond"))
 
 
 def _encode(sd: StableDiffusion, image: np.ndarray, texts: list[str], timer: StageTimer) -> tuple[Tensor, dict[str, Tensor]]:

@@ -94,6 +94,10 @@ class BatchLayout:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def without(self, row: Row) -> "BatchLayout":
+        """The layout less one row, the others in their order."""
+        return BatchLayout(tuple(r for r in self.rows if r != row))
+
     def index(self, role: Role, branch: Branch) -> int:
         try:
             return self.rows.index(Row(role, branch))

@@ -54,6 +54,12 @@ class Correction:
     others: Mapping[Role, tuple[Tensor, ...]] = field(default_factory=dict)
     pinned: bool = True
 
+    @property
+    def replaces_step(self) -> bool:
+        """True when the role's latent after every step is values[i], whatever its step computed
+        (the full pin): the role's own noise prediction is then never used."""
+        return self.kind == "pivot" and self.weights is None
+
     def apply(self, step: int, latent: Tensor) -> Tensor:
         value = self.values[step].to(latent.device, latent.dtype)
         if self.kind == "offset":
@@ -209,6 +215,13 @@ class Inversion:
         """True when the source branch is pinned to the trajectory at every step (DirectInversion)."""
         c = self.corrections
         return c is not None and c.role == "source" and c.pinned
+
+    @property
+    def unpredicted_role(self) -> Role | None:
+        """The role whose noise prediction the loop never uses, as the correction replaces its every
+        step (fused DirectInversion's source), or None."""
+        c = self.corrections
+        return c.role if c is not None and c.replaces_step else None
 
     def pivot(self, step: int) -> Tensor:
         """The latent denoising step `step` should start from: L[-1-step]."""

@@ -1,9 +1,13 @@
 """The work of one edit, and `invedit bench edit`.
 
-- A fused DirectInversion + P2P edit evaluates exactly 250 UNet rows at 50 steps (50 inversion
-  rows, 4 editing rows per step), counted by a counting wrapper around the UNet (the oracle), not
-  read from the code's own bookkeeping alone.
+- A fused DirectInversion + P2P edit evaluates exactly 200 UNet rows at 50 steps (50 inversion
+  rows, 3 editing rows per step: the source's unconditional row, whose prediction the pin discards,
+  is not evaluated), counted by a counting wrapper around the UNet (the oracle), not read from the
+  code's own bookkeeping alone; the methods that read that row keep it (MasaCtrl, proximal
+  guidance: 250).
 - No inversion builds a weight gradient, even when the caller's model has requires_grad on.
+- The tensor tracker of `bench edit` counts what operators make and not views of older tensors
+  (a weight seen through `w.t()`), against counts written by hand.
 - `bench edit` runs end to end on tests/data/tiny-sd (1 repeat, few steps) and writes its results
   file; its agreement check fails on a different edit. No timing is asserted.
 """
@@ -14,10 +18,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import cli
-from benchmarks.edit_bench import agreement
+from benchmarks.edit_bench import LiveTensorBytes, agreement
 from evaluation.api import edit, invert
 from evaluation.images import load_image
 from evaluation.registry import Registry
@@ -45,14 +50,25 @@ class CountingUNet(nn.Module):
         return self.inner.res_sites()
 
 
-def test_fused_direct_inversion_edit_is_250_unet_rows_at_50_steps():
+def test_fused_direct_inversion_edit_is_200_unet_rows_at_50_steps():
     sd = StableDiffusion.tiny_random()
     counter = CountingUNet(sd.unet)
     sd.unet = counter
     spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=("cake", "cake"), steps=50)
     result = edit(sd, load_image(str(IMAGE), 64), spec)
-    assert counter.rows == 250
-    assert result.unet_rows == {"inversion": 50, "edit": 200, "total": 250}
+    assert counter.rows == 200
+    assert result.unet_rows == {"inversion": 50, "edit": 150, "total": 200}
+
+
+@pytest.mark.parametrize("name, options", [("directinversion+masactrl", {}), ("directinversion+p2p", {"prox": "l0"})])
+def test_edits_that_read_the_source_uncond_row_keep_it(name, options):
+    """MasaCtrl edits the unconditional rows too; proximal guidance thresholds over the whole batch."""
+    sd = StableDiffusion.tiny_random()
+    counter = CountingUNet(sd.unet)
+    sd.unet = counter
+    spec = Registry().edit_spec(name, source=SOURCE, target=TARGET, steps=10, **options)
+    edit(sd, load_image(str(IMAGE), 64), spec)
+    assert counter.rows == 10 + 40
 
 
 @pytest.mark.parametrize("name", ["ddim", "direct", "negative-prompt", "null-text", "pix2pix-zero-inversion"])
@@ -70,7 +86,7 @@ def test_bench_edit_runs_end_to_end_and_writes_its_results(tmp_path):
                      "--steps", "4", "--warmup", "0", "--repeats", "1", "--bf16", "no", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "edit-cpu.json").read_text())
     assert (tmp_path / "edit-cpu.json").with_suffix(".md").is_file()
-    assert result["ours"]["rows"]["total"] == 4 + 4 * 4  # inversion + edit
+    assert result["ours"]["rows"]["total"] == 4 + 3 * 4  # inversion + edit (no source uncond row)
     assert result["diffusers"]["rows"]["total"] == 4 + 2 * 4 + 4 * 4  # + the separate offset pass
     assert set(result["ours"]["stages_s"]) == {"encode", "inversion", "edit", "decode"}
     assert result["ours"]["memory"]["tracked_peak_tensor_bytes"] > 0
@@ -90,3 +106,16 @@ def test_the_agreement_check_fails_on_a_different_edit():
     verdict = agreement(other.latents, one.latents)
     assert not verdict["agree"] and verdict["rel_rms"][1] > verdict["tolerance"]
     assert verdict["rel_rms"][0] <= 1e-6  # the source branch is pinned to the same trajectory
+
+
+def test_the_tensor_tracker_counts_what_operators_make_and_not_views_of_older_tensors():
+    weight = torch.randn(256, 256)  # made before: 256 KiB that must not count, not even through a view
+    with LiveTensorBytes() as tracker:
+        view = weight.t()
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 4000 more: the peak, 8000
+        del a
+        c = b + view[0, :1000].sum()  # 4000 again with a freed: live 8000 (+ the 4-byte sum, freed)
+        del b, c
+    assert tracker.peak == 8000 + 4
+    assert tracker.live == 0
