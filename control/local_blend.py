@@ -25,6 +25,7 @@ class LocalBlend:
                  level: int = 2) -> None:
         """source_cols / target_cols: (77,) 0/1 token columns of the blend words in each prompt."""
         self.cols = torch.stack([source_cols, target_cols]).float()  # (2, 77)
+        self._cols = self.cols  # on the run's device from `start` on
         self.start_step = start_step
         self.threshold = threshold
         self.rule = SiteRule(kind="cross", places=("down", "up"), min_level=level, max_level=level)
@@ -46,7 +47,7 @@ class LocalBlend:
         assert self._sum is not None, "LocalBlend has no stored maps"
         h, w = latent_hw[0] >> self.level, latent_hw[1] >> self.level
         count = sum(self._maps_per_step.values())
-        m = (self._sum * self.cols[:, None, :].to(self._sum.device)).sum(-1) / count  # (2, N)
+        m = (self._sum * self._cols[:, None, :]).sum(-1) / count  # (2, N)
         m = m.reshape(2, 1, h, w)  # N = h * w at this level
         m = F.max_pool2d(m, 3, stride=1, padding=1)
         m = F.interpolate(m, size=latent_hw)  # nearest, as the reference
@@ -63,7 +64,8 @@ class LocalBlend:
         new_tgt = x_src + mask * (x_tgt - x_src)
         return torch.stack([new_tgt if i == tgt else latents[i] for i in range(latents.shape[0])])
 
-    def start(self) -> None:
-        """Forget the maps of an earlier run."""
+    def start(self, device: torch.device) -> None:
+        """Forget the maps of an earlier run; the word columns go to the run's device once."""
+        self._cols = self.cols.to(device)
         self._sum = None
         self._maps_per_step.clear()

@@ -66,5 +66,5 @@ def generate(sd: StableDiffusion, prompt: str, z_T: Tensor, *, negative: str = "
             rows += out.unet_rows
     latents = torch.cat(finals)
     with timer("decode"):
-        images = np.concatenate([decode(sd, latents[k : k + 1]) for k in range(latents.shape[0])])
+        images = decode(sd, latents)
     return Generated(latents, images, rows, timer.as_dict())

@@ -143,7 +143,7 @@ def edict_denoise(
     y = inversion.partner.to(x).expand_as(x).clone()
     context = row_embeddings(layout, embeddings).to(x.device)
     feed = torch.tensor([roles.index(r.role) for r in layout.rows], device=x.device)
-    rows = GuidedRows.of(layout)
+    rows = GuidedRows.of(layout, x.device)
     controllers = tuple(controllers)
     run = RunInfo(layout=layout, num_steps=len(timesteps), device=x.device, latent_hw=tuple(x.shape[-2:]))
     for controller in controllers:

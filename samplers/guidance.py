@@ -15,7 +15,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from ldm.context import AttnContext, BatchLayout, Role
+from ldm.context import AttnContext, BatchLayout, Branch, Role
 from samplers.noise import cfg
 
 
@@ -78,16 +78,18 @@ class RoleScales:
 
 @dataclass(frozen=True)
 class GuidedRows:
-    """Which layout rows feed each stepped role's noise: computed once per run, not per step."""
+    """Which layout rows feed each stepped role's noise: computed once per run, not per step, with
+    the row indices as tensors on the run's device (a Python list as an index would be copied to
+    the device on every step)."""
 
     roles: tuple[Role, ...]  # the stepped roles, in latent order
     guided: tuple[Role, ...]  # those with both an uncond and a cond row
-    uncond_rows: tuple[int, ...]
-    cond_rows: tuple[int, ...]
+    uncond_rows: Tensor  # (R',) long: the guided roles' uncond rows
+    cond_rows: Tensor  # (R',) long: their cond rows
     single_rows: dict[Role, int]  # roles with one row only: used unguided
 
     @classmethod
-    def of(cls, layout: BatchLayout) -> "GuidedRows":
+    def of(cls, layout: BatchLayout, device: torch.device | str = "cpu") -> "GuidedRows":
         roles = layout.stepped_roles
         guided = tuple(r for r in roles if layout.has(r, "uncond") and layout.has(r, "cond"))
         single: dict[Role, int] = {}
@@ -97,17 +99,20 @@ class GuidedRows:
                 if len(rows) != 1:
                     raise ValueError(f"role {r!r} needs an uncond and a cond row or exactly one row in {layout}")
                 single[r] = rows[0]
-        return cls(roles, guided, tuple(layout.index(r, "uncond") for r in guided),
-                   tuple(layout.index(r, "cond") for r in guided), single)
+
+        def index(branch: Branch) -> Tensor:
+            return torch.tensor([layout.index(r, branch) for r in guided], dtype=torch.long, device=device)
+
+        return cls(roles, guided, index("uncond"), index("cond"), single)
 
     def split(self, eps: Tensor) -> tuple[Tensor, Tensor]:
         """(uncond, cond) predictions of the guided roles, (R', C, h, w) each."""
-        return eps[list(self.uncond_rows)], eps[list(self.cond_rows)]
+        return eps.index_select(0, self.uncond_rows), eps.index_select(0, self.cond_rows)
 
     def eps(self, eps: Tensor, guidance: Guidance, ctx: AttnContext) -> Tensor:
         """The noise prediction of each stepped role, stacked (R, C, h, w); eps has one row per layout row."""
         out: dict[Role, Tensor] = {r: eps[i] for r, i in self.single_rows.items()}
         if self.guided:
-            combined = guidance.combine(eps[list(self.uncond_rows)], eps[list(self.cond_rows)], self.guided, ctx)
+            combined = guidance.combine(*self.split(eps), self.guided, ctx)
             out.update(zip(self.guided, combined))
         return torch.stack([out[r] for r in self.roles])

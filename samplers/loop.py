@@ -179,7 +179,7 @@ def denoise(
     null_roles = inversion.null_roles if inversion is not None and inversion.null_roles is not None else layout.roles
     null_rows = [layout.index(r, "uncond") for r in null_roles if layout.has(r, "uncond")]
     use_nulls = inversion is not None and inversion.null_embeddings is not None and bool(null_rows)
-    rows = GuidedRows.of(layout)
+    rows = GuidedRows.of(layout, device)
     if pulls and rows.guided != roles:
         raise ValueError(f"{type(guidance).__name__} pulls back every stepped role; {layout} has unguided ones")
     corrections = inversion.corrections if inversion is not None else None

@@ -64,7 +64,7 @@ def predict_noise(
         x = x.repeat(context.shape[0], 1, 1, 1)
     elif context.shape[0] == 1 and x.shape[0] > 1:
         context = context.expand(x.shape[0], *context.shape[1:])
-    timestep = torch.tensor(t, device=x.device)
+    timestep = torch.full((), t, dtype=torch.long, device=x.device)  # a fill on the device, no host copy
     out = sd.unet(x.to(dtype), timestep, context.to(dtype), ctx)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     if sd.config.unet.prediction_type == "epsilon":
