@@ -91,11 +91,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # a view (t(), reshape, an in-place op's return) shares its input's storage: a weight seen
+        # through w.t() was not made by the edit
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if key and key not in self.seen:
+                if key and key not in self.seen and key not in inputs:
                     self.seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
@@ -149,7 +153,7 @@ def _ours(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.n
         return {"timings": times, "rows": dict(result.unet_rows), "latents": result.latents.float().cpu(),
                 "trajectory": tuple(t.float().cpu() for t in result.inversion.trajectory)}
 
-    return load_s, run
+    return load_s, run, model_bytes(sd.text, sd.unet, sd.vae)
 
 
 def _diffusers(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.ndarray):
@@ -167,7 +171,12 @@ def _diffusers(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image:
         return {"timings": result.timings, "rows": result.rows, "latents": result.latents.float().cpu(),
                 "trajectory": tuple(t.float().cpu() for t in result.trajectory)}
 
-    return load_s, run
+    return load_s, run, model_bytes(baseline.text_encoder, baseline.unet, baseline.vae)
+
+
+def model_bytes(*nets: torch.nn.Module) -> int:
+    """Bytes of the networks' parameters and buffers: the weights, the same on both sides."""
+    return sum(t.nbytes for net in nets for t in (*net.parameters(), *net.buffers()))
 
 
 def child(spec: ChildSpec) -> None:
@@ -177,7 +186,7 @@ def child(spec: ChildSpec) -> None:
     device, dtype = torch.device(spec.device), DTYPES[spec.dtype]
     torch.manual_seed(0)
     image = load_image(str(IMAGE), (spec.size, spec.size))
-    load_s, run = (_ours if spec.side == "ours" else _diffusers)(spec, device, dtype, image)
+    load_s, run, weight_bytes = (_ours if spec.side == "ours" else _diffusers)(spec, device, dtype, image)
     rss_loaded = rss_bytes()
     record: dict[str, Any] = {"side": spec.side, "dtype": spec.dtype, "load_s": load_s}
     timed: list[dict[str, Any]] = []
@@ -194,17 +203,20 @@ def child(spec: ChildSpec) -> None:
         record["stage_runs_s"] = {s: [t[s] for t in timed] for s in STAGES}
         record["edit_s"] = statistics.median(sum(t[s] for s in STAGES) for t in timed)
         record["rows"] = last["rows"]
-        memory: dict[str, Any] = {}
+        memory: dict[str, Any] = {"weight_bytes": weight_bytes}
         if device.type == "cuda":
             memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            memory["cuda_above_weights_bytes"] = memory["cuda_max_allocated_bytes"] - weight_bytes
         else:
+            # RSS right after loading says little: our weights are memory-mapped and paged in on
+            # first use, the baseline's are read into memory; the weights' own size is exact on both
             memory["rss_after_load_bytes"] = rss_loaded
+            memory["peak_rss_bytes"] = peak_rss_bytes()  # before the tracked run, which adds its own
+            memory["working_rss_bytes"] = memory["peak_rss_bytes"] - weight_bytes
             if spec.track:
                 with LiveTensorBytes() as tracker:
                     run()
                 memory["tracked_peak_tensor_bytes"] = tracker.peak
-            memory["peak_rss_bytes"] = peak_rss_bytes()
-            memory["working_rss_bytes"] = memory["peak_rss_bytes"] - rss_loaded
         record["memory"] = memory
     tensors: dict[str, Any] = {}
     if last is not None:
@@ -309,7 +321,8 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
         o, t = ours["record"], theirs["record"]
         ratios = {"edit_time": o["edit_s"] / t["edit_s"],
                   "rows": o["rows"]["total"] / t["rows"]["total"]}
-        for key in ("cuda_max_allocated_bytes", "peak_rss_bytes", "working_rss_bytes", "tracked_peak_tensor_bytes"):
+        for key in ("cuda_max_allocated_bytes", "cuda_above_weights_bytes", "peak_rss_bytes", "working_rss_bytes",
+                    "tracked_peak_tensor_bytes"):
             if key in o["memory"] and key in t["memory"] and t["memory"][key] > 0:
                 ratios[key.removesuffix("_bytes")] = o["memory"][key] / t["memory"][key]
         payload["ours_over_diffusers"] = ratios
@@ -344,8 +357,9 @@ def edit_table(p: dict[str, Any]) -> str:
     rows.append(["**edit (encode to decode)**", f"{o['edit_s']:.2f}", f"{t['edit_s']:.2f}", f"**{o['edit_s'] / t['edit_s']:.2f}**"])
     rows.append(["load (once)", f"{o['load_s']:.2f}", f"{t['load_s']:.2f}", f"{o['load_s'] / t['load_s']:.2f}"])
     rows.append(["UNet rows", str(o["rows"]["total"]), str(t["rows"]["total"]), f"{o['rows']['total'] / t['rows']['total']:.2f}"])
-    for key, label in (("cuda_max_allocated_bytes", "CUDA max allocated GiB"), ("peak_rss_bytes", "peak RSS GiB"),
-                       ("working_rss_bytes", "peak RSS above the loaded model GiB"),
+    for key, label in (("weight_bytes", "weights GiB"), ("cuda_max_allocated_bytes", "CUDA max allocated GiB"),
+                       ("cuda_above_weights_bytes", "CUDA max allocated above the weights GiB"),
+                       ("peak_rss_bytes", "peak RSS GiB"), ("working_rss_bytes", "peak RSS above the weights GiB"),
                        ("tracked_peak_tensor_bytes", "peak live tensors made by the edit GiB")):
         if key in o["memory"]:
             a, b = o["memory"][key], t["memory"][key]
