@@ -148,6 +148,10 @@ def _edit(subparsers: argparse._SubParsersAction, registry: Any) -> None:
     parser.add_argument("--size", type=int, default=512 if cuda else 256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed edits first (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=5, metavar="N", help=(
+        "steps of the warm-up edits and of the untimed memory-tracking edit, at most --steps: enough to page in the "
+        "weights, build every kernel and reach the memory peak, whose size does not grow with the steps "
+        "(default: %(default)s)"))
     parser.add_argument("--repeats", type=int, default=3, metavar="N",
                         help="timed edits per side; the median is reported (default: %(default)s)")
     parser.set_defaults(bench_run=_run_edit)
@@ -163,12 +167,14 @@ def _run_edit(args: argparse.Namespace, registry: Any) -> int:
         raise UsageError(f"--size {args.size}: expected a positive multiple of 64")
     if not 1 <= args.steps <= 1000:
         raise UsageError(f"--steps {args.steps}: expected 1..1000")
+    if args.warmup_steps < 1:
+        raise UsageError(f"--warmup-steps {args.warmup_steps}: expected at least 1")
     if args.warmup < 0 or args.repeats < 1:
         raise UsageError(f"--warmup {args.warmup} --repeats {args.repeats}: need warmup >= 0 and repeats >= 1")
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cpu" and args.dtype != "bf16" and cpu_has_bf16())
     args.out.mkdir(parents=True, exist_ok=True)
     code, paths = run_edit_bench(BenchOptions(args.model, args.out, str(device), args.dtype, bf16, args.size, args.steps,
-                                              args.warmup, args.repeats))
+                                              args.warmup, args.repeats, min(args.warmup_steps, args.steps)))
     print(f"written: {', '.join(map(str, paths))}")
     if code:
         print("bench edit: the edits disagree (see the table); a faster edit that computes something else is no win")

@@ -7,12 +7,14 @@ process (`python -m benchmarks.edit_bench --child SPEC.json`), one after the oth
 RSS is its own and not whatever ran first. In a child:
 
 1. load (timed once: the first load of the process);
-2. `warmup` untimed edits, then `repeats` timed edits: wall time per stage (encode, inversion,
-   edit, decode), the median of each reported;
-3. memory: on CUDA `max_memory_allocated` over the timed edits; on a CPU the process's peak RSS,
-   its RSS after loading (the weights), and the peak of live tensor bytes during one more edit
-   watched by a dispatch-level tracker (every tensor an operator returns counted until freed;
-   untimed, as the tracker slows the edit down);
+2. `warmup` untimed edits of `short_steps` steps (enough to page in the weights and build every
+   kernel), then `repeats` timed edits of `steps`: wall time per stage (encode, inversion, edit,
+   decode), the median of each reported;
+3. memory, above the weights' own bytes (exact on both sides): on CUDA `max_memory_allocated` over
+   the timed edits; on a CPU the process's peak RSS over them, and the peak of live tensor bytes
+   during one more edit of `short_steps` watched by a dispatch-level tracker (every tensor storage
+   an operator returns counted until freed, views of older tensors not; untimed, as the tracker
+   slows the edit down; neither side's peak grows with the steps);
 4. the agreement edit: the edit again, started from the trajectory of our fp32 inversion (a chaotic
    50-step guided loop amplifies any inversion difference, so agreement is measured from one
    inversion, as the oracle tests do).
@@ -70,6 +72,7 @@ class ChildSpec:
     steps: int
     warmup: int
     repeats: int  # 0: agreement edit only
+    short_steps: int  # steps of the warm-up edits and of the tracked edit
     track: bool  # CPU: the tensor-bytes tracker run
     trajectory: str | None  # .pt file with the fp32 trajectory to start the agreement edit from
     out: str  # .pt file the child writes
@@ -142,10 +145,8 @@ def _ours(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.n
     start = time.perf_counter()
     sd = open_model(spec.model_dir, dtype, device)
     load_s = time.perf_counter() - start
-    edit_spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=BLEND,
-                                     steps=spec.steps)
-
-    def run(trajectory: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+    def run(trajectory: tuple[torch.Tensor, ...] | None = None, steps: int = spec.steps) -> dict[str, Any]:
+        edit_spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=BLEND, steps=steps)
         timer = StageTimer()
         result = edit(sd, image, edit_spec, timer=timer, trajectory=trajectory)
         times = dict(result.timings)
@@ -164,9 +165,8 @@ def _diffusers(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image:
     baseline = Baseline.load(Path(spec.model_dir), device, dtype)
     load_s = time.perf_counter() - start
     tokenizer = Tokenizer.from_dir(Path(spec.model_dir) / "tokenizer")  # for the token bookkeeping only
-    edit_spec = BaselineSpec(SOURCE, TARGET, BLEND, steps=spec.steps)
-
-    def run(trajectory: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+    def run(trajectory: tuple[torch.Tensor, ...] | None = None, steps: int = spec.steps) -> dict[str, Any]:
+        edit_spec = BaselineSpec(SOURCE, TARGET, BLEND, steps=steps)
         result = baseline_edit(baseline, image, edit_spec, tokenizer, None if trajectory is None else list(trajectory))
         return {"timings": result.timings, "rows": result.rows, "latents": result.latents.float().cpu(),
                 "trajectory": tuple(t.float().cpu() for t in result.trajectory)}
@@ -193,7 +193,7 @@ def child(spec: ChildSpec) -> None:
     last = None
     if spec.repeats:
         for _ in range(spec.warmup):
-            run()
+            run(steps=spec.short_steps)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(spec.repeats):
@@ -215,7 +215,7 @@ def child(spec: ChildSpec) -> None:
             memory["working_rss_bytes"] = memory["peak_rss_bytes"] - weight_bytes
             if spec.track:
                 with LiveTensorBytes() as tracker:
-                    run()
+                    run(steps=spec.short_steps)
                 memory["tracked_peak_tensor_bytes"] = tracker.peak
         record["memory"] = memory
     tensors: dict[str, Any] = {}
@@ -287,6 +287,7 @@ class BenchOptions:
     steps: int
     warmup: int
     repeats: int
+    short_steps: int  # the warm-up and tracked edits' steps
 
 
 def _gib(n: float | None) -> str:
@@ -303,7 +304,7 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
 
         def spec(side: str, dtype: str, repeats: int, trajectory: Path | None, name: str) -> ChildSpec:
             return ChildSpec(side, str(ours_dir if side == "ours" else theirs_dir), opts.device, dtype, opts.size,
-                             opts.steps, opts.warmup if repeats else 0, repeats, cpu and repeats > 0,
+                             opts.steps, opts.warmup if repeats else 0, repeats, opts.short_steps, cpu and repeats > 0,
                              None if trajectory is None else str(trajectory), str(tmp / f"{name}.pt"))
 
         ours = run_child(spec("ours", opts.dtype, opts.repeats, None, "ours"))
@@ -314,7 +315,8 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
         payload: dict[str, Any] = {
             "what": "one DirectInversion + P2P refine + LocalBlend edit, ours (fused) against the diffusers baseline",
             "device": device_name(device), "model": opts.model, "size": opts.size, "steps": opts.steps,
-            "dtype": opts.dtype, "warmup": opts.warmup, "repeats": opts.repeats, "torch": torch.__version__,
+            "dtype": opts.dtype, "warmup": opts.warmup, "warmup_steps": opts.short_steps, "repeats": opts.repeats,
+            "torch": torch.__version__,
             "prompts": {"source": SOURCE, "target": TARGET, "blend": list(BLEND)},
             "ours": ours["record"], "diffusers": theirs["record"], "agreement": agree,
         }
@@ -349,7 +351,8 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
 def edit_table(p: dict[str, Any]) -> str:
     o, t = p["ours"], p["diffusers"]
     head = (f"One DirectInversion + P2P edit (LocalBlend, PIE defaults), {p['model']} at {p['size']}x{p['size']} px, "
-            f"{p['steps']} steps, {p['dtype']}, {p['device']}; median of {p['repeats']} after {p['warmup']} warm-up\n\n")
+            f"{p['steps']} steps, {p['dtype']}, {p['device']}; median of {p['repeats']} after {p['warmup']} warm-up "
+            f"({p.get('warmup_steps', p['steps'])} steps)\n\n")
     rows = []
     for stage in STAGES:
         a, b = o["stages_s"][stage], t["stages_s"][stage]
