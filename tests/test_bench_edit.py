@@ -8,8 +8,11 @@
 - No inversion builds a weight gradient, even when the caller's model has requires_grad on.
 - The tensor tracker of `bench edit` counts what operators make and not views of older tensors
   (a weight seen through `w.t()`), against counts written by hand.
+- Its peak RSS is the process's own (VmHWM, not the ru_maxrss a child inherits) and restarts at a
+  reset, so the benchmark's peak is that of the timed edits.
 - `bench edit` runs end to end on tests/data/tiny-sd (1 repeat, few steps) and writes its results
-  file; its agreement check fails on a different edit. No timing is asserted.
+  file; its agreement check fails on a different edit, and its gate needs agreeing targets and our
+  source on z0 whatever the baseline's source did. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 import cli
-from benchmarks.edit_bench import LiveTensorBytes, agreement
+from benchmarks.edit_bench import LiveTensorBytes, agreement, edit_agreement, peak_rss_bytes, reset_peak_rss
 from evaluation.api import edit, invert
 from evaluation.images import load_image
 from evaluation.registry import Registry
@@ -119,3 +122,27 @@ def test_the_tensor_tracker_counts_what_operators_make_and_not_views_of_older_te
         del b, c
     assert tracker.peak == 8000 + 4
     assert tracker.live == 0
+
+
+def test_the_gate_needs_agreeing_targets_and_our_source_on_z0_whatever_the_baselines_source():
+    z0 = torch.randn(1, 4, 8, 8)
+    target = torch.randn(1, 4, 8, 8)
+    ours = torch.cat([z0, target])
+    drifted = torch.cat([z0 + 5 * torch.randn_like(z0), target * (1 + 1e-4)])  # a baseline whose source drifted
+    verdict = edit_agreement(ours, drifted, z0)
+    assert verdict["agree"]
+    assert verdict["source_from_z0"]["ours"] == 0.0 and verdict["source_from_z0"]["diffusers"] > 1
+    assert not edit_agreement(torch.cat([z0 * 1.1, target]), drifted, z0)["agree"]  # our source off z0
+    assert not edit_agreement(torch.cat([z0, target + 1]), drifted, z0)["agree"]  # another edit
+
+
+def test_the_peak_rss_counts_from_the_reset_and_sees_a_new_allocation():
+    """Linux only (VmHWM, clear_refs); the reset makes the benchmark's peak that of the timed edits."""
+    if not Path("/proc/self/status").is_file() or not reset_peak_rss():
+        pytest.skip("no /proc peak-RSS reset on this system")
+    before = peak_rss_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert peak_rss_bytes() >= before + 60 * 2**20
+    del block
+    reset_peak_rss()
+    assert peak_rss_bytes() < before + 60 * 2**20  # the freed block no longer counts
