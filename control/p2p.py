@@ -51,6 +51,10 @@ class CrossEdit(Protocol):
         """(heads, N, 77) source and target maps -> F(A_src, A_tgt), (heads, N, 77)."""
         ...
 
+    def to(self, device: torch.device) -> "CrossEdit":
+        """The same edit with its tensors on `device` (moved once per run, not per attention call)."""
+        ...
+
 
 @dataclass(frozen=True)
 class AttentionRefine:
@@ -64,6 +68,9 @@ class AttentionRefine:
         alphas = self.alphas.to(a_src.device)
         return a_src[..., self.mapper.to(a_src.device)] * alphas + a_tgt * (1 - alphas)
 
+    def to(self, device: torch.device) -> "AttentionRefine":
+        return AttentionRefine(self.mapper.to(device), self.alphas.to(device))
+
 
 @dataclass(frozen=True)
 class AttentionReplace:
@@ -73,6 +80,9 @@ class AttentionReplace:
 
     def __call__(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
         return a_src @ self.mapper.to(a_src.device)
+
+    def to(self, device: torch.device) -> "AttentionReplace":
+        return AttentionReplace(self.mapper.to(device))
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,9 @@ class AttentionReweight:
     def __call__(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
         base = a_src if self.inner is None else self.inner(a_src, a_tgt)
         return base * self.equalizer.to(a_src.device)
+
+    def to(self, device: torch.device) -> "AttentionReweight":
+        return AttentionReweight(self.equalizer.to(device), None if self.inner is None else self.inner.to(device))
 
 
 class PromptToPrompt(ControllerBase):
@@ -115,6 +128,7 @@ class PromptToPrompt(ControllerBase):
         qk = [self.src if i == self.tgt else i for i in rows]
         self.self_rows = (run.row_index(qk), run.row_index(qk), run.row_index(rows))  # target reads Q, K of the source
         self.alpha_device = self.cross_alpha.to(run.device)
+        self.edit_device = self.edit.to(run.device)  # its mappers and weights, once per run
         if self.local_blend is not None:
             self.local_blend.start(run.device)
 
@@ -135,7 +149,7 @@ class PromptToPrompt(ControllerBase):
         if editing:
             self._touch(site)
             alpha = self.alpha_device[ctx.step]  # (77,) over target token columns
-            a_tgt = self.edit(a_src, a_tgt) * alpha + (1 - alpha) * a_tgt
+            a_tgt = self.edit_device(a_src, a_tgt) * alpha + (1 - alpha) * a_tgt
             out = replace_rows(out, {tgt: a_tgt @ v[tgt].float()})
         if storing:
             assert self.local_blend is not None
