@@ -35,6 +35,7 @@ from inversion.stylediffusion import StyleDiffusionSettings, rounds_schedule
 from ldm.context import AttnContext, AttnSite, BatchLayout, RunInfo
 from ldm.errors import WeightsError
 from ldm.model import StableDiffusion
+from tests.determinism import one_thread
 from tests.oracle_fixtures import ORACLE
 
 SRC = "a round cake with orange frosting on a wooden plate"
@@ -163,14 +164,8 @@ def test_unconditional_self_replacement_equals_softmax_written_here(sd) -> None:
 def test_no_gradient_reaches_a_parameter_and_a_second_edit_gives_the_same_result(sd, image, clip_dir) -> None:
     spec = REGISTRY.edit_spec("stylediffusion+p2p", source=SRC, target=TGT, steps=3, inner_steps=2,
                               clip_vision=str(clip_dir))
-    # one thread: with two, a backward reduction may sum in another order from run to run (1e-5 in the
-    # first round's loss), which the optimisation amplifies; the property here is that no state leaks
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # the property is that no state leaks, not the summation order of two threads
         first, second = edit(sd, image, spec), edit(sd, image, spec)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(first.latents, second.latents)
     assert all(p.grad is None for p in sd.parameters())
     assert first.inversion.cost.rounds_per_step == second.inversion.cost.rounds_per_step
