@@ -26,7 +26,7 @@ import cli
 from control.base import StepWindow
 from control.p2p import AttentionReweight, PromptToPrompt
 from control.stylediffusion import StyleDiffusionP2PSettings, UncondSelfReplace, modulated_steps, uses_replace
-from evaluation.api import InversionSpec, edit, invert, reconstruct
+from evaluation.api import InversionSpec, edit, reconstruct
 from evaluation.images import load_image, to_tensor
 from evaluation.registry import Registry
 from inversion import ddim, stylediffusion
