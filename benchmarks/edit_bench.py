@@ -7,12 +7,12 @@ process (`python -m benchmarks.edit_bench --child SPEC.json`), one after the oth
 RSS is its own and not whatever ran first. In a child:
 
 1. load (timed once: the first load of the process);
-2. `warmup` untimed edits of `short_steps` steps (enough to page in the weights and build every
+2. `warmup` untimed edits of `warmup_steps` steps (enough to page in the weights and build every
    kernel), then `repeats` timed edits of `steps`: wall time per stage (encode, inversion, edit,
    decode), the median of each reported;
 3. memory, above the weights' own bytes (exact on both sides): on CUDA `max_memory_allocated` over
    the timed edits; on a CPU the process's peak RSS over them, and the peak of live tensor bytes
-   during one more edit of `short_steps` watched by a dispatch-level tracker (every tensor storage
+   during one more edit of `warmup_steps` watched by a dispatch-level tracker (every tensor storage
    an operator returns counted until freed, views of older tensors not; untimed, as the tracker
    slows the edit down; neither side's peak grows with the steps);
 4. the agreement edit: the edit again, started from the trajectory of our fp32 inversion (a chaotic
@@ -21,10 +21,11 @@ RSS is its own and not whatever ran first. In a child:
 
 Agreement (`edit_agreement`): relative RMS, RMS(ours - theirs) / RMS(theirs), of the final target
 latents at most `TOLERANCE` (the oracle tests' tolerance), and our source at most that far from z0,
-the exact answer of DirectInversion's source; the baseline's source is reported against z0 too. bf16 (when asked, and by default on a CPU with
-bf16 units): our bf16 edit against our fp32 edit from the same trajectory, judged against the
-yardstick of the same comparison made by the diffusers baseline (its bf16 edit against its fp32
-edit): ours may be at most `BF16_FACTOR` times as far, as the kernel tests judge low-precision error.
+the exact answer of DirectInversion's source; the baseline's source is reported against z0 too.
+bf16 (when asked, and by default on a CPU with bf16 units): our bf16 edit against our fp32 edit
+from the same trajectory, judged against the yardstick of the same comparison made by the diffusers
+baseline (its bf16 edit against its fp32 edit): ours may be at most `BF16_FACTOR` times as far, as
+the kernel tests judge low-precision error.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ChildSpec:
     steps: int
     warmup: int
     repeats: int  # 0: agreement edit only
-    short_steps: int  # steps of the warm-up edits and of the tracked edit
+    warmup_steps: int  # steps of the warm-up edits and of the tracked edit
     track: bool  # CPU: the tensor-bytes tracker run
     trajectory: str | None  # .pt file with the fp32 trajectory to start the agreement edit from
     out: str  # .pt file the child writes
@@ -182,6 +183,7 @@ def _ours(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image: np.n
     start = time.perf_counter()
     sd = open_model(spec.model_dir, dtype, device)
     load_s = time.perf_counter() - start
+
     def run(trajectory: tuple[torch.Tensor, ...] | None = None, steps: int = spec.steps) -> dict[str, Any]:
         edit_spec = Registry().edit_spec("directinversion+p2p", source=SOURCE, target=TARGET, blend=BLEND, steps=steps)
         timer = StageTimer()
@@ -202,6 +204,7 @@ def _diffusers(spec: ChildSpec, device: torch.device, dtype: torch.dtype, image:
     baseline = Baseline.load(Path(spec.model_dir), device, dtype)
     load_s = time.perf_counter() - start
     tokenizer = Tokenizer.from_dir(Path(spec.model_dir) / "tokenizer")  # for the token bookkeeping only
+
     def run(trajectory: tuple[torch.Tensor, ...] | None = None, steps: int = spec.steps) -> dict[str, Any]:
         edit_spec = BaselineSpec(SOURCE, TARGET, BLEND, steps=steps)
         result = baseline_edit(baseline, image, edit_spec, tokenizer, None if trajectory is None else list(trajectory))
@@ -230,7 +233,7 @@ def child(spec: ChildSpec) -> None:
     last = None
     if spec.repeats:
         for _ in range(spec.warmup):
-            run(steps=spec.short_steps)
+            run(steps=spec.warmup_steps)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         peak_from_timed = reset_peak_rss()
@@ -254,7 +257,7 @@ def child(spec: ChildSpec) -> None:
             memory["working_rss_bytes"] = memory["peak_rss_bytes"] - weight_bytes
             if spec.track:
                 with LiveTensorBytes() as tracker:
-                    run(steps=spec.short_steps)
+                    run(steps=spec.warmup_steps)
                 memory["tracked_peak_tensor_bytes"] = tracker.peak
         record["memory"] = memory
     tensors: dict[str, Any] = {}
@@ -326,7 +329,7 @@ class BenchOptions:
     steps: int
     warmup: int
     repeats: int
-    short_steps: int  # the warm-up and tracked edits' steps
+    warmup_steps: int  # steps of the warm-up edits and of the tracked edit
 
 
 def _gib(n: float | None) -> str:
@@ -343,7 +346,7 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
 
         def spec(side: str, dtype: str, repeats: int, trajectory: Path | None, name: str) -> ChildSpec:
             return ChildSpec(side, str(ours_dir if side == "ours" else theirs_dir), opts.device, dtype, opts.size,
-                             opts.steps, opts.warmup if repeats else 0, repeats, opts.short_steps, cpu and repeats > 0,
+                             opts.steps, opts.warmup if repeats else 0, repeats, opts.warmup_steps, cpu and repeats > 0,
                              None if trajectory is None else str(trajectory), str(tmp / f"{name}.pt"))
 
         ours = run_child(spec("ours", opts.dtype, opts.repeats, None, "ours"))
@@ -354,7 +357,7 @@ def run_edit_bench(opts: BenchOptions) -> tuple[int, list[Path]]:
         payload: dict[str, Any] = {
             "what": "one DirectInversion + P2P refine + LocalBlend edit, ours (fused) against the diffusers baseline",
             "device": device_name(device), "model": opts.model, "size": opts.size, "steps": opts.steps,
-            "dtype": opts.dtype, "warmup": opts.warmup, "warmup_steps": opts.short_steps, "repeats": opts.repeats,
+            "dtype": opts.dtype, "warmup": opts.warmup, "warmup_steps": opts.warmup_steps, "repeats": opts.repeats,
             "torch": torch.__version__,
             "prompts": {"source": SOURCE, "target": TARGET, "blend": list(BLEND)},
             "ours": ours["record"], "diffusers": theirs["record"], "agreement": agree,
